@@ -1,0 +1,1 @@
+//! Configuration: serde structs, defaults, validation.
