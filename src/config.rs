@@ -1,1 +1,197 @@
-//! Configuration: serde structs, defaults, validation.
+//! Configuration: typed serde structs with defaults, loaded from a TOML file, overridden by
+//! command-line flags through one merge function, then validated. Read on the main thread.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The checked-in default configuration (`fleetgate print-config` prints it).
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../fleetgate.toml");
+
+/// Everything `fleetgate serve` can be told.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// TCP and UDP port the devices connect to (0: any free port, printed when ready).
+    pub device_port: u16,
+    /// Address the devices' listeners bind to.
+    pub device_host: std::net::IpAddr,
+    /// PostgreSQL connection string (`host=... user=...` or `postgres://...`). Empty: start a
+    /// managed PostgreSQL in `data_dir`.
+    pub database_url: String,
+    /// Where the managed PostgreSQL lives.
+    pub data_dir: PathBuf,
+    /// Number of shards (glommio executors, one per core). 0: one per available core.
+    pub shards: usize,
+    /// Pin each shard to its own CPU (`cpu = shard_id % nproc`).
+    pub pin_cpus: bool,
+    /// Control-plane API address.
+    pub api_addr: SocketAddr,
+    /// Largest declared TCP data length accepted, in bytes; larger closes the connection.
+    pub max_frame_len: u32,
+    /// Seconds a new connection may take to send its login.
+    pub login_timeout_s: u64,
+    /// Seconds without any byte before a connection is closed.
+    pub idle_timeout_s: u64,
+    /// Most open device connections per shard; more are refused at accept.
+    pub max_connections_per_shard: usize,
+    /// AVL frames a connection may have waiting for their commit before it stops reading.
+    pub max_frames_in_flight_per_connection: usize,
+    /// AVL frames a shard may have waiting for their commit before it stops reading them.
+    pub max_frames_in_flight_per_shard: usize,
+    /// Device policy: `open` accepts every valid IMEI; `allow_list` accepts only enabled
+    /// devices of the `devices` table.
+    pub device_policy: DevicePolicyKind,
+    /// Seconds between reloads of the allow-list from the `devices` table.
+    pub allow_list_reload_s: u64,
+    /// Writer: most records in one COPY transaction.
+    pub batch_max_records: usize,
+    /// Writer: milliseconds the first record of a batch may wait for more.
+    pub batch_max_delay_ms: u64,
+    /// Daily telemetry partitions created ahead of today.
+    pub partitions_ahead_days: i32,
+    /// Days of telemetry kept (whole daily partitions dropped after). 0: keep forever.
+    pub retention_days: i32,
+    /// Seconds the shutdown may take to flush what is in flight before it is forced.
+    pub shutdown_timeout_s: u64,
+    /// `tracing` filter, e.g. `info` or `fleetgate=debug`.
+    pub log: String,
+}
+
+/// How logins are checked.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum DevicePolicyKind {
+    Open,
+    AllowList,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            device_port: 5027,
+            device_host: "0.0.0.0".parse().unwrap(),
+            database_url: String::new(),
+            data_dir: PathBuf::from("fleetgate-data"),
+            shards: 0,
+            pin_cpus: false,
+            api_addr: "127.0.0.1:8080".parse().unwrap(),
+            max_frame_len: crate::protocol::DEFAULT_MAX_FRAME_LEN,
+            login_timeout_s: 30,
+            idle_timeout_s: 600,
+            max_connections_per_shard: 50_000,
+            max_frames_in_flight_per_connection: 16,
+            max_frames_in_flight_per_shard: 8192,
+            device_policy: DevicePolicyKind::Open,
+            allow_list_reload_s: 10,
+            batch_max_records: 20_000,
+            batch_max_delay_ms: 5,
+            partitions_ahead_days: 7,
+            retention_days: 0,
+            shutdown_timeout_s: 10,
+            log: "info".into(),
+        }
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML file; unknown keys are an error.
+    ///
+    /// # Errors
+    /// The file cannot be read or parsed.
+    pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
+    }
+
+    /// Rejects impossible values and resolves `shards = 0` to the number of cores.
+    ///
+    /// # Errors
+    /// The first impossible value found.
+    pub fn validate(mut self) -> Result<Config, ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.shards == 0 {
+            self.shards = std::thread::available_parallelism().map_or(1, |n| n.get());
+        }
+        if self.shards > 1024 {
+            return bad("shards must be at most 1024");
+        }
+        if self.max_frame_len < 64 {
+            return bad("max_frame_len must be at least 64 bytes");
+        }
+        if self.login_timeout_s == 0 || self.idle_timeout_s == 0 {
+            return bad("login_timeout_s and idle_timeout_s must be positive");
+        }
+        if self.max_frames_in_flight_per_connection == 0 || self.max_frames_in_flight_per_shard == 0
+        {
+            return bad("frames in flight limits must be positive");
+        }
+        if self.batch_max_records == 0 {
+            return bad("batch_max_records must be positive");
+        }
+        if self.partitions_ahead_days < 1 || self.retention_days < 0 {
+            return bad("partitions_ahead_days must be >= 1 and retention_days >= 0");
+        }
+        Ok(self)
+    }
+
+    pub fn login_timeout(&self) -> Duration {
+        Duration::from_secs(self.login_timeout_s)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_s)
+    }
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_s)
+    }
+    pub fn batch_max_delay(&self) -> Duration {
+        Duration::from_millis(self.batch_max_delay_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_file_is_the_default() {
+        let parsed: Config = toml::from_str(DEFAULT_CONFIG_TOML).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<Config>("no_such_key = 1").is_err());
+        let c = Config {
+            max_frame_len: 10,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

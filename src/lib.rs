@@ -4,14 +4,26 @@
 //!
 //! - [`protocol`]: PURE. The Teltonika codec: framing, AVL codecs 8/8E/16, commands
 //!   (codecs 12-15), UDP datagrams, CRC. No IO, no async, no clock.
-//! - [`pg`]: blocking process management of a managed local PostgreSQL (initdb, start, stop)
-//!   and schema migrations; called from `main` before the shards start, and by the test harness.
-//! - [`sink`]: the writer core. `sink::copy` is PURE (record -> binary COPY row bytes, called on
-//!   the shards); `sink::writer` owns the database connection on its own thread.
-//! - [`shard`]: one glommio executor per core; owns its devices (sessions, stats, pending commands).
-//! - [`conn`]: per-connection tasks that run on a shard: TCP sessions and the UDP datagram loop.
+//! - [`shard`]: one glommio executor per core, with its own SO_REUSEPORT TCP listener and UDP
+//!   socket; owns the devices whose IMEI hashes to it (sessions, counters).
+//! - [`conn`]: per-connection tasks that run on a shard: TCP sessions and the UDP loop.
+//! - [`sink`]: the writer core. `sink::copy` is PURE (records -> binary COPY rows, called on
+//!   the shards); `sink::writer` owns the database connection on its own thread and answers
+//!   each batch after its commit.
+//! - [`pg`]: blocking management of a managed local PostgreSQL (initdb, start, stop) and the
+//!   schema migrations; used by `main` before the shards start, and by the test harness.
+//! - [`server`]: the main thread: starts database, writer and shards, waits for a signal,
+//!   stops them in reverse order.
+//! - [`policy`]: which devices may log in (read by shards, reloaded by the writer).
 //! - [`config`]: serde configuration, defaults and validation.
+//! - [`cli`]: operator tools on the main thread (`fleetgate decode`).
 
+pub mod cli;
 pub mod config;
+pub mod conn;
 pub mod pg;
+pub mod policy;
 pub mod protocol;
+pub mod server;
+pub mod shard;
+pub mod sink;

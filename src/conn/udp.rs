@@ -1,0 +1,74 @@
+//! The shard's UDP socket: each datagram is decoded, its rows go to the writer, and the ack
+//! (echoing the datagram's packet id and AVL packet id) is sent once they are committed.
+//! Runs on a shard.
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use futures::channel::oneshot;
+use futures::future::{select, Either};
+use glommio::net::UdpSocket;
+
+use crate::protocol::udp::{decode_datagram, encode_ack};
+use crate::shard::{spawn_detached, Shard, ShardStats};
+use crate::sink::copy::encode_rows;
+use crate::sink::{WriteOutcome, WriterBatch, WriterMsg};
+
+/// Largest UDP payload.
+const MAX_DATAGRAM: usize = 65_536;
+
+/// Serves datagrams until the shard stops.
+pub async fn serve(shard: Rc<Shard>, sock: Rc<UdpSocket>) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let received = {
+            let stop = shard.stopping.clone();
+            let recv = sock.recv_from(&mut buf);
+            futures::pin_mut!(recv);
+            match select(recv, stop).await {
+                Either::Left((r, _)) => r,
+                Either::Right(_) => return,
+            }
+        };
+        let (n, peer) = match received {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(shard = shard.id, error = %e, "UDP receive failed.");
+                continue;
+            }
+        };
+        ShardStats::inc(&shard.stats.udp_datagrams);
+        let d = match decode_datagram(&buf[..n]) {
+            Ok(d) => d,
+            Err(e) => {
+                ShardStats::inc(&shard.stats.udp_errors);
+                tracing::info!(shard = shard.id, %peer, error = %e, "Bad datagram refused.");
+                continue;
+            }
+        };
+        if !shard.policy.admits(d.imei) {
+            ShardStats::inc(&shard.stats.logins_rejected);
+            tracing::info!(shard = shard.id, imei = %d.imei, "Datagram refused by the device policy.");
+            continue;
+        }
+        let records = d.avl.count() as u32;
+        let mut rows = Vec::with_capacity(d.avl.records_bytes().len() * 2 + 64);
+        let now_us = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |t| t.as_micros() as i64);
+        encode_rows(d.imei, &d.avl, now_us, &mut rows);
+        let ack = encode_ack(d.packet_id, d.avl_packet_id, d.avl.count());
+        let Ok(permit) = shard.in_flight.acquire_static_permit(1).await else { return };
+        let (tx, rx) = oneshot::channel();
+        if shard.writer.try_send(WriterMsg::Rows(WriterBatch { rows: rows.into(), records, done: tx })).is_err() {
+            tracing::error!(shard = shard.id, "Writer queue full or gone; datagram dropped unacked.");
+            continue;
+        }
+        let (s, sock) = (shard.clone(), sock.clone());
+        spawn_detached(&shard.gate, async move {
+            let _permit = permit;
+            if rx.await == Ok(WriteOutcome::Committed) && sock.send_to(&ack, peer).await.is_ok() {
+                s.stats.udp_records_acked.fetch_add(records as u64, Ordering::Relaxed);
+            }
+        });
+    }
+}

@@ -1,0 +1,134 @@
+//! The `fleetgate` binary: parse the command line, load the configuration, hand over to the
+//! library. Runs on the main thread.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use fleetgate::config::{Config, DevicePolicyKind, DEFAULT_CONFIG_TOML};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A thread-per-core gateway between Teltonika GPS trackers and PostgreSQL.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway: device listeners, shards, the writer core and the API.
+    Serve(ServeArgs),
+    /// Apply the database migrations and exit.
+    Migrate(DbArgs),
+    /// Decode hex frames (arguments, or one per line of standard input) to JSON lines.
+    Decode(fleetgate::cli::decode::DecodeArgs),
+    /// Print the default configuration file.
+    PrintConfig,
+}
+
+/// Where the database is; shared by `serve` and `migrate`.
+#[derive(Args, Clone, Default)]
+struct DbArgs {
+    /// Configuration file (TOML); flags override it.
+    #[arg(long, env = "FLEETGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// PostgreSQL connection string; without it a managed PostgreSQL runs in --data-dir.
+    #[arg(long, env = "FLEETGATE_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Directory of the managed PostgreSQL (and other state).
+    #[arg(long, env = "FLEETGATE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// TCP and UDP port for devices (0: any free port).
+    #[arg(long)]
+    device_port: Option<u16>,
+    /// Address the device listeners bind to.
+    #[arg(long)]
+    device_host: Option<std::net::IpAddr>,
+    /// Number of shards (glommio executors); 0 = one per core.
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Control-plane API address.
+    #[arg(long)]
+    api_addr: Option<std::net::SocketAddr>,
+    /// Largest declared TCP frame data length, in bytes.
+    #[arg(long)]
+    max_frame_len: Option<u32>,
+    /// Seconds a connection may take to log in.
+    #[arg(long)]
+    login_timeout_s: Option<u64>,
+    /// Seconds of silence before a connection is closed.
+    #[arg(long)]
+    idle_timeout_s: Option<u64>,
+    /// Device policy: open, or allow_list (enabled rows of the devices table).
+    #[arg(long, value_enum)]
+    device_policy: Option<DevicePolicyKind>,
+    /// Days of telemetry to keep (0: forever).
+    #[arg(long)]
+    retention_days: Option<i32>,
+    /// Seconds the shutdown may take before it is forced.
+    #[arg(long)]
+    shutdown_timeout_s: Option<u64>,
+}
+
+/// Flags override the file: the one place where the two meet.
+fn merge(db: &DbArgs, serve: Option<&ServeArgs>) -> anyhow::Result<Config> {
+    let mut c = match &db.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(v) = &db.database_url {
+        c.database_url = v.clone();
+    }
+    if let Some(v) = &db.data_dir {
+        c.data_dir = v.clone();
+    }
+    if let Some(s) = serve {
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = s.$f { c.$f = v; } )* };
+        }
+        set!(device_port, device_host, shards, api_addr, max_frame_len, login_timeout_s, idle_timeout_s, device_policy, retention_days, shutdown_timeout_s);
+    }
+    Ok(c.validate()?)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Decode(args) => return fleetgate::cli::decode::run(&args),
+        Command::PrintConfig => {
+            print!("{DEFAULT_CONFIG_TOML}");
+            return ExitCode::SUCCESS;
+        }
+        Command::Migrate(db) => merge(&db, None).and_then(|c| {
+            init_logging(&c.log);
+            fleetgate::server::migrate_only(&c)
+        }),
+        Command::Serve(args) => merge(&args.db, Some(&args)).and_then(|c| {
+            init_logging(&c.log);
+            fleetgate::server::serve(c)
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fleetgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}

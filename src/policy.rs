@@ -1,0 +1,41 @@
+//! The device policy: which IMEIs may log in. Shared read-mostly state: the shards read it at
+//! each login, the writer thread reloads the allow-list from the `devices` table.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+
+use crate::config::DevicePolicyKind;
+use crate::protocol::Imei;
+
+/// Who may log in.
+#[derive(Debug)]
+pub struct DevicePolicy {
+    kind: DevicePolicyKind,
+    allowed: RwLock<Arc<HashSet<u64>>>,
+}
+
+impl DevicePolicy {
+    pub fn new(kind: DevicePolicyKind) -> DevicePolicy {
+        DevicePolicy { kind, allowed: RwLock::new(Arc::new(HashSet::new())) }
+    }
+
+    pub fn kind(&self) -> DevicePolicyKind {
+        self.kind
+    }
+
+    /// Whether `imei` may log in now.
+    pub fn admits(&self, imei: Imei) -> bool {
+        match self.kind {
+            DevicePolicyKind::Open => true,
+            DevicePolicyKind::AllowList => {
+                let set = self.allowed.read().unwrap_or_else(|p| p.into_inner()).clone();
+                set.contains(&imei.as_u64())
+            }
+        }
+    }
+
+    /// Replaces the allow-list (the enabled rows of `devices`).
+    pub fn set_allowed(&self, allowed: HashSet<u64>) {
+        *self.allowed.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(allowed);
+    }
+}
