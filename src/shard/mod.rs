@@ -166,13 +166,7 @@ pub fn shut_read(fd: RawFd) {
 /// start.
 pub async fn run(spec: ShardSpec, ready: std::sync::mpsc::Sender<Result<(), String>>, shutdown_timeout: Duration) {
     let ShardSpec { shard_id, nr_shards, config, device_addr, inboxes, mut inbox, writer, policy, stats } = spec;
-    let bound = TcpListener::bind(device_addr)
-        .map_err(|e| format!("shard {shard_id}: cannot listen on tcp {device_addr}: {e}"))
-        .and_then(|l| {
-            UdpSocket::bind(device_addr)
-                .map(|u| (l, u))
-                .map_err(|e| format!("shard {shard_id}: cannot bind udp {device_addr}: {e}"))
-        });
+    let bound = bind_device_sockets(device_addr).map_err(|e| format!("shard {shard_id}: cannot bind {device_addr}: {e}"));
     let (listener, udp) = match bound {
         Ok(x) => x,
         Err(e) => {
@@ -226,6 +220,33 @@ pub async fn run(spec: ShardSpec, ready: std::sync::mpsc::Sender<Result<(), Stri
         tracing::warn!(shard = shard_id, "Shutdown deadline passed with frames still in flight; closing.");
     }
     tracing::info!(shard = shard_id, "Shard stopped.");
+}
+
+/// Listen backlog of each shard's listener: a fleet reconnecting after an outage arrives at once.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// This shard's TCP listener and UDP socket on the device address, both SO_REUSEPORT (one of
+/// each per shard; the kernel spreads connections and datagrams over them) and SO_REUSEADDR
+/// (so a restarted gateway can bind while its predecessor's closed connections linger, and so
+/// `serve`'s plain probe bind conflicts only with a live listener).
+fn bind_device_sockets(addr: SocketAddr) -> std::io::Result<(TcpListener, UdpSocket)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let domain = Domain::for_address(addr);
+    let tcp = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    tcp.set_reuse_address(true)?;
+    tcp.set_reuse_port(true)?;
+    tcp.bind(&addr.into())?;
+    tcp.listen(LISTEN_BACKLOG)?;
+    // SAFETY: a bound, listening socket whose ownership moves into the listener.
+    let listener = unsafe { TcpListener::from_raw_fd(tcp.into_raw_fd()) };
+    let udp = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    udp.set_reuse_address(true)?;
+    udp.set_reuse_port(true)?;
+    udp.bind(&addr.into())?;
+    // SAFETY: a bound socket whose ownership moves into the glommio socket.
+    let udp = unsafe { UdpSocket::from_raw_fd(udp.into_raw_fd()) };
+    Ok((listener, udp))
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
