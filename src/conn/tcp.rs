@@ -285,8 +285,7 @@ async fn acker(shard: Rc<Shard>, mut wr: WriteHalf<TcpStream>, pending: LocalRec
                     shut_read(fd);
                 } else {
                     shard.stats.records_acked.fetch_add(p.records as u64, Ordering::Relaxed);
-                    let now_ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-                    shard.devices.borrow_mut().stored(imei, p.records, now_ms);
+                    shard.count_stored(imei, p.records);
                 }
             }
             WriteOutcome::Failed => {

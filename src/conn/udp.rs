@@ -63,11 +63,14 @@ pub async fn serve(shard: Rc<Shard>, sock: Rc<UdpSocket>) {
             tracing::error!(shard = shard.id, "Writer queue full or gone; datagram dropped unacked.");
             continue;
         }
-        let (s, sock) = (shard.clone(), sock.clone());
+        let (s, sock, imei) = (shard.clone(), sock.clone(), d.imei);
         spawn_detached(&shard.gate, async move {
             let _permit = permit;
-            if rx.await == Ok(WriteOutcome::Committed) && sock.send_to(&ack, peer).await.is_ok() {
-                s.stats.udp_records_acked.fetch_add(records as u64, Ordering::Relaxed);
+            if rx.await == Ok(WriteOutcome::Committed) {
+                s.count_stored(imei, records);
+                if sock.send_to(&ack, peer).await.is_ok() {
+                    s.stats.udp_records_acked.fetch_add(records as u64, Ordering::Relaxed);
+                }
             }
         });
     }

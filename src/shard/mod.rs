@@ -51,6 +51,9 @@ pub fn shard_for(imei: Imei, nr_shards: usize) -> usize {
 pub enum ShardMsg {
     /// A logged-in TCP connection of a device this shard owns, accepted by another shard.
     Adopt { fd: OwnedFd, imei: Imei, peer: SocketAddr, pending: Vec<u8> },
+    /// Records of a device this shard owns were stored from a datagram another shard received
+    /// (UDP has no login to route by, so the kernel's choice of socket stands for the data path).
+    Stored { imei: Imei, records: u32, at_ms: u64 },
     /// Stop accepting, finish what is in flight, close, exit.
     Shutdown,
 }
@@ -126,6 +129,17 @@ impl Shard {
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);
         (id << 10) | self.id as u64
+    }
+
+    /// Counts stored records for `imei` on its owning shard: here, or by message.
+    pub fn count_stored(&self, imei: Imei, records: u32) {
+        let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let owner = shard_for(imei, self.nr_shards);
+        if owner == self.id {
+            self.devices.borrow_mut().stored(imei, records, at_ms);
+        } else {
+            let _ = self.inboxes[owner].unbounded_send(ShardMsg::Stored { imei, records, at_ms });
+        }
     }
 
     /// Whether the shard is stopping.
@@ -205,6 +219,7 @@ pub async fn run(spec: ShardSpec, ready: std::sync::mpsc::Sender<Result<(), Stri
                 let s = shard.clone();
                 spawn_detached(&shard.gate, crate::conn::tcp::adopt(s, fd, imei, peer, pending));
             }
+            ShardMsg::Stored { imei, records, at_ms } => shard.devices.borrow_mut().stored(imei, records, at_ms),
             ShardMsg::Shutdown => break,
         }
     }
@@ -279,5 +294,22 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
         let s = shard.clone();
         let fd = stream.as_raw_fd();
         spawn_detached(&shard.gate, crate::conn::tcp::accepted(s, stream, fd));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consecutive_imeis_spread_evenly_over_shards() {
+        let mut counts = [0u32; 4];
+        for n in 0..10_000u64 {
+            counts[shard_for(Imei::new(356_000_000_000_000 + n).unwrap(), 4)] += 1;
+        }
+        for c in counts {
+            assert!((2_300..=2_700).contains(&c), "{counts:?}");
+        }
+        assert_eq!(shard_for(Imei::new(1).unwrap(), 1), 0);
     }
 }

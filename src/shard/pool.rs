@@ -138,3 +138,41 @@ impl Drop for ReadBuf {
         self.release();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::io::AsyncWriteExt;
+    use std::time::Duration;
+
+    #[test]
+    fn an_idle_connection_holds_no_buffer() {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let mut client = glommio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+                let mut server = listener.accept().await.unwrap();
+                let pool = BufferPool::new(1024, 8);
+                let mut rb = ReadBuf::new(pool.clone());
+
+                // Nothing to read: the pending read gives its buffer back.
+                let waited = crate::shard::with_timeout(Duration::from_millis(50), rb.fill(&mut server)).await;
+                assert!(waited.is_none());
+                assert!(!rb.holds_buffer());
+                assert_eq!(pool.idle(), 1);
+
+                client.write_all(b"abcd").await.unwrap();
+                assert_eq!(rb.fill(&mut server).await.unwrap(), 4);
+                assert!(rb.holds_buffer());
+                assert_eq!(pool.idle(), 0);
+                rb.consume(2);
+                assert_eq!(rb.data(), b"cd");
+                rb.consume(2);
+                assert!(!rb.holds_buffer(), "an emptied buffer goes back");
+                assert_eq!(pool.idle(), 1);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+}
