@@ -69,6 +69,9 @@ struct ServeArgs {
     /// Seconds of silence before a connection is closed.
     #[arg(long)]
     idle_timeout_s: Option<u64>,
+    /// Most open device connections per shard; more are refused at accept.
+    #[arg(long)]
+    max_connections_per_shard: Option<usize>,
     /// Device policy: open, or allow_list (enabled rows of the devices table).
     #[arg(long, value_enum)]
     device_policy: Option<DevicePolicyKind>,
@@ -96,7 +99,7 @@ fn merge(db: &DbArgs, serve: Option<&ServeArgs>) -> anyhow::Result<Config> {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = s.$f { c.$f = v; } )* };
         }
-        set!(device_port, device_host, shards, api_addr, max_frame_len, login_timeout_s, idle_timeout_s, device_policy, retention_days, shutdown_timeout_s);
+        set!(device_port, device_host, shards, api_addr, max_frame_len, login_timeout_s, idle_timeout_s, max_connections_per_shard, device_policy, retention_days, shutdown_timeout_s);
     }
     Ok(c.validate()?)
 }

@@ -210,6 +210,24 @@ fn bad_input_is_refused_and_everyone_else_keeps_being_served() {
 }
 
 #[test]
+fn silent_devices_are_closed_after_the_idle_timeout_and_the_connection_cap_holds() {
+    let pg = TestPg::start();
+    let gw = Gateway::start(&pg.url(), &["--idle-timeout-s", "1", "--max-connections-per-shard", "2"]);
+    let mut quiet = Device::connect(gw.addr, imei(356_310_000_000_000));
+    assert!(quiet.closed_within(Duration::from_secs(10)));
+    assert!(wait_until(LONG, || scalar(&pg, "SELECT count(*) FROM device_sessions WHERE reason = 'idle timeout'") == 1));
+
+    // Two shards of two connections each: of five sockets that never log in, the gateway
+    // refuses at least one long before the 30 s login timeout.
+    let mut socks: Vec<_> = (0..5).map(|_| Device { stream: std::net::TcpStream::connect(gw.addr).unwrap() }).collect();
+    let mut refused = 0;
+    for s in &mut socks {
+        refused += s.closed_within(Duration::from_secs(2)) as usize;
+    }
+    assert!(refused >= 1, "no connection refused over the cap");
+}
+
+#[test]
 fn a_second_connection_for_an_imei_replaces_the_first() {
     let pg = TestPg::start();
     let gw = Gateway::start(&pg.url(), &[]);

@@ -29,15 +29,16 @@ use crate::sink::{SessionEvent, WriteOutcome, WriterBatch, WriterMsg};
 /// How long one reply write may take before the connection is given up.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Keeps a connection in its shard's table while it lives.
-struct ConnGuard {
+/// Keeps a connection in its shard's table (and its count) while it lives. Registered by the
+/// accept loop itself, so the connection cap holds even when many arrive at once.
+pub struct ConnGuard {
     shard: Rc<Shard>,
     id: u64,
     fd: RawFd,
 }
 
 impl ConnGuard {
-    fn register(shard: &Rc<Shard>, fd: RawFd) -> ConnGuard {
+    pub fn register(shard: &Rc<Shard>, fd: RawFd) -> ConnGuard {
         let id = shard.next_conn_id();
         shard.conns.borrow_mut().insert(id, fd);
         shard.stats.connections_open.fetch_add(1, Ordering::Relaxed);
@@ -57,10 +58,9 @@ fn now_us() -> i64 {
 }
 
 /// A connection just accepted on this shard.
-pub async fn accepted(shard: Rc<Shard>, mut stream: TcpStream, fd: RawFd) {
+pub async fn accepted(shard: Rc<Shard>, mut stream: TcpStream, conn: ConnGuard) {
     let peer = stream.peer_addr().ok();
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-    let conn = ConnGuard::register(&shard, fd);
     let mut rb = ReadBuf::new(shard.pool.clone());
     let imei = match read_login(&shard, &mut stream, &mut rb).await {
         Ok(imei) => imei,

@@ -291,9 +291,8 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
             drop(stream);
             continue;
         }
-        let s = shard.clone();
-        let fd = stream.as_raw_fd();
-        spawn_detached(&shard.gate, crate::conn::tcp::accepted(s, stream, fd));
+        let conn = crate::conn::tcp::ConnGuard::register(&shard, stream.as_raw_fd());
+        spawn_detached(&shard.gate, crate::conn::tcp::accepted(shard.clone(), stream, conn));
     }
 }
 
