@@ -63,6 +63,15 @@ proptest! {
         prop_assert_eq!(back, records);
     }
 
+    /// Any frame, cut anywhere, frames the same as whole.
+    #[test]
+    fn frames_split_anywhere_decode_the_same((codec, records) in codec_and_records(), cut: prop::sample::Index) {
+        let mut wire = Vec::new();
+        encode_avl_frame(codec, &records, &mut wire).unwrap();
+        let whole = super::tcp::tests_support::frame_all(&wire);
+        prop_assert_eq!(super::tcp::tests_support::frame_split(&wire, cut.index(wire.len() + 1)), whole);
+    }
+
     #[test]
     fn udp_datagrams_round_trip((codec, records) in codec_and_records(), pid: u16, avl_id: u8, imei in 0..=Imei::MAX) {
         let imei = Imei::new(imei).unwrap();

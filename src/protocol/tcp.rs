@@ -60,8 +60,8 @@ pub fn decode_frame(buf: &[u8], max_frame_len: u32) -> Result<Status<(Frame<'_>,
         return Ok(Status::Complete((Frame::Login(imei), total)));
     }
     if buf.len() < HEADER_LEN {
-        // Refuse a bad preamble as early as its bytes show it.
-        if buf[2..].iter().any(|&b| b != 0) {
+        // Refuse a bad preamble as early as its bytes show it (bytes 4..8 are the length).
+        if buf[2..buf.len().min(4)].iter().any(|&b| b != 0) {
             return Err(DecodeError::BadPreamble);
         }
         return Ok(Status::Partial(HEADER_LEN - buf.len()));
@@ -213,6 +213,35 @@ mod tests {
             assert_eq!(frame_split(&stream, at), items, "split at {at}");
         }
         assert_eq!(frame_bytewise(&stream), items);
+    }
+
+    #[test]
+    fn every_split_of_a_long_frame_gives_the_same_items() {
+        // Data lengths of 256 and more put non-zero bytes in the header's first 8 bytes.
+        let recs: Vec<_> = (0..12u64)
+            .map(|i| crate::protocol::Record {
+                ts_ms: 1_700_000_000_000 + i,
+                priority: 1,
+                lon: 1,
+                lat: 2,
+                alt: 3,
+                angle: 4,
+                sats: 5,
+                speed: 6,
+                event_io: 7,
+                gen_type: None,
+                io: (0..20).map(|k| (k, crate::protocol::OwnedIoValue::U32(k as u32))).collect(),
+            })
+            .collect();
+        let mut f = Vec::new();
+        encode_avl_frame(Codec::C8E, &recs, &mut f).unwrap();
+        assert!(f.len() > 1024);
+        let whole = frame_all(&f);
+        assert!(whole.len() == 1 && whole[0].starts_with("Avl"), "{whole:?}");
+        for at in 0..=f.len() {
+            assert_eq!(frame_split(&f, at), whole, "split at {at}");
+        }
+        assert_eq!(frame_bytewise(&f), whole);
     }
 
     #[test]
