@@ -99,7 +99,19 @@ fn merge(db: &DbArgs, serve: Option<&ServeArgs>) -> anyhow::Result<Config> {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = s.$f { c.$f = v; } )* };
         }
-        set!(device_port, device_host, shards, api_addr, max_frame_len, login_timeout_s, idle_timeout_s, max_connections_per_shard, device_policy, retention_days, shutdown_timeout_s);
+        set!(
+            device_port,
+            device_host,
+            shards,
+            api_addr,
+            max_frame_len,
+            login_timeout_s,
+            idle_timeout_s,
+            max_connections_per_shard,
+            device_policy,
+            retention_days,
+            shutdown_timeout_s
+        );
     }
     Ok(c.validate()?)
 }
@@ -133,5 +145,8 @@ fn main() -> ExitCode {
 fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }

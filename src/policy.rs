@@ -16,7 +16,10 @@ pub struct DevicePolicy {
 
 impl DevicePolicy {
     pub fn new(kind: DevicePolicyKind) -> DevicePolicy {
-        DevicePolicy { kind, allowed: RwLock::new(Arc::new(HashSet::new())) }
+        DevicePolicy {
+            kind,
+            allowed: RwLock::new(Arc::new(HashSet::new())),
+        }
     }
 
     pub fn kind(&self) -> DevicePolicyKind {
@@ -28,7 +31,11 @@ impl DevicePolicy {
         match self.kind {
             DevicePolicyKind::Open => true,
             DevicePolicyKind::AllowList => {
-                let set = self.allowed.read().unwrap_or_else(|p| p.into_inner()).clone();
+                let set = self
+                    .allowed
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
                 set.contains(&imei.as_u64())
             }
         }

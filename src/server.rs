@@ -29,23 +29,45 @@ struct Database {
 
 fn open_database(cfg: &Config) -> anyhow::Result<Database> {
     if !cfg.database_url.is_empty() {
-        return Ok(Database { url: cfg.database_url.clone(), _managed: None });
+        return Ok(Database {
+            url: cfg.database_url.clone(),
+            _managed: None,
+        });
     }
-    let pg = ManagedPostgres::start(&cfg.data_dir, &PgOptions::default())
-        .with_context(|| format!("starting the managed PostgreSQL in {}", cfg.data_dir.display()))?;
+    let pg = ManagedPostgres::start(&cfg.data_dir, &PgOptions::default()).with_context(|| {
+        format!(
+            "starting the managed PostgreSQL in {}",
+            cfg.data_dir.display()
+        )
+    })?;
     tracing::info!(data_dir = %cfg.data_dir.display(), port = pg.port(), "Managed PostgreSQL running.");
-    Ok(Database { url: pg.connection_string(), _managed: Some(pg) })
+    Ok(Database {
+        url: pg.connection_string(),
+        _managed: Some(pg),
+    })
 }
 
 /// Migrations, partitions, and the first allow-list load, before anything is accepted.
-fn prepare_database(rt: &tokio::runtime::Runtime, url: &str, cfg: &Config, policy: &DevicePolicy) -> anyhow::Result<()> {
+fn prepare_database(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+    cfg: &Config,
+    policy: &DevicePolicy,
+) -> anyhow::Result<()> {
     rt.block_on(async {
-        let (mut client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.context("connecting to PostgreSQL")?;
+        let (mut client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .context("connecting to PostgreSQL")?;
         let conn = tokio::spawn(conn);
         crate::pg::migrate(&mut client).await?;
-        crate::pg::maintain_partitions(&client, cfg.partitions_ahead_days, cfg.retention_days).await?;
+        crate::pg::maintain_partitions(&client, cfg.partitions_ahead_days, cfg.retention_days)
+            .await?;
         if policy.kind() == DevicePolicyKind::AllowList {
-            policy.set_allowed(writer::load_allow_list(&client).await.context("loading the allow-list")?);
+            policy.set_allowed(
+                writer::load_allow_list(&client)
+                    .await
+                    .context("loading the allow-list")?,
+            );
         }
         drop(client);
         let _ = conn.await;
@@ -59,8 +81,15 @@ fn prepare_database(rt: &tokio::runtime::Runtime, url: &str, cfg: &Config, polic
 /// The database cannot be started or reached, or a migration fails.
 pub fn migrate_only(cfg: &Config) -> anyhow::Result<()> {
     let db = open_database(cfg)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    prepare_database(&rt, &db.url, cfg, &DevicePolicy::new(DevicePolicyKind::Open))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    prepare_database(
+        &rt,
+        &db.url,
+        cfg,
+        &DevicePolicy::new(DevicePolicyKind::Open),
+    )?;
     println!("migrations applied");
     Ok(())
 }
@@ -89,7 +118,9 @@ pub fn reserve_device_port(host: IpAddr, port: u16) -> anyhow::Result<SocketAddr
 /// Start-up failures (database, port, a shard that cannot bind) and a shard that dies.
 pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let db = open_database(&cfg)?;
     let policy = Arc::new(DevicePolicy::new(cfg.device_policy));
     prepare_database(&rt, &db.url, &cfg, &policy)?;
@@ -109,7 +140,9 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         policy.clone(),
     )?;
 
-    let (senders, receivers): (Vec<_>, Vec<_>) = (0..nr_shards).map(|_| mpsc::unbounded::<ShardMsg>()).unzip();
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..nr_shards)
+        .map(|_| mpsc::unbounded::<ShardMsg>())
+        .unzip();
     let inboxes = Arc::new(senders);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
@@ -131,7 +164,11 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             stats: st,
         };
         let (ready, exit, timeout) = (ready_tx.clone(), exit_tx.clone(), cfg.shutdown_timeout());
-        let placement = if cfg.pin_cpus { Placement::Fixed(shard_id % ncpu) } else { Placement::Unbound };
+        let placement = if cfg.pin_cpus {
+            Placement::Fixed(shard_id % ncpu)
+        } else {
+            Placement::Unbound
+        };
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{shard_id}"))
             .spawn(move || async move {
@@ -152,7 +189,9 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                 break;
             }
             Err(_) => {
-                start_error = Some(anyhow!("a shard did not start within {SHARD_START_TIMEOUT:?}"));
+                start_error = Some(anyhow!(
+                    "a shard did not start within {SHARD_START_TIMEOUT:?}"
+                ));
                 break;
             }
         }
@@ -161,7 +200,10 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let stop_reason = match start_error {
         Some(e) => Err(e),
         None => {
-            println!("ready device_addr={device_addr} shards={nr_shards} api_addr={}", cfg.api_addr);
+            println!(
+                "ready device_addr={device_addr} shards={nr_shards} api_addr={}",
+                cfg.api_addr
+            );
             tracing::info!(%device_addr, shards = nr_shards, "fleetgate ready.");
             rt.block_on(wait_for_stop(&mut exit_rx))
         }
@@ -182,7 +224,10 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         writer.join();
         let _ = done_tx.send(());
     });
-    if done_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_err() {
+    if done_rx
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        .is_err()
+    {
         tracing::error!("Writer did not flush before the shutdown deadline; unacked records will be resent by the devices.");
         stop_reason?;
         bail!("shutdown deadline passed before the writer flushed");
@@ -193,7 +238,9 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
 }
 
 /// Waits for SIGTERM or SIGINT (`Ok`), or for a shard that exits on its own (`Err`).
-async fn wait_for_stop(exit_rx: &mut tokio::sync::mpsc::UnboundedReceiver<usize>) -> anyhow::Result<()> {
+async fn wait_for_stop(
+    exit_rx: &mut tokio::sync::mpsc::UnboundedReceiver<usize>,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -6,7 +6,9 @@ mod common;
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use common::gateway::{datagram, deliver_all, frame, imei, records, udp_deliver, wait_until, Device, Gateway};
+use common::gateway::{
+    datagram, deliver_all, frame, imei, records, udp_deliver, wait_until, Device, Gateway,
+};
 use common::TestPg;
 use fleetgate::protocol::Codec;
 
@@ -14,16 +16,31 @@ const LONG: Duration = Duration::from_secs(60);
 
 /// Runs one query on a fresh connection and returns the first column of the first row.
 fn scalar(pg: &TestPg, sql: &str) -> i64 {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let c = pg.client().await;
-        c.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get::<_, i64>(0)
+        c.query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get::<_, i64>(0)
     })
 }
 
 fn rows(pg: &TestPg, sql: &str) -> Vec<tokio_postgres::Row> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async { pg.client().await.query(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")) })
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        pg.client()
+            .await
+            .query(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    })
 }
 
 #[test]
@@ -39,7 +56,12 @@ fn devices_of_every_codec_over_tcp_and_udp_store_exactly_what_was_acked() {
                 let id = imei(356_000_000_000_000 + d);
                 let frames: Vec<_> = (0..4u64)
                     .map(|f| {
-                        let recs = records(codec, 10, 1_700_000_000_000 + f * 100_000, (d * 10 + f) as u32);
+                        let recs = records(
+                            codec,
+                            10,
+                            1_700_000_000_000 + f * 100_000,
+                            (d * 10 + f) as u32,
+                        );
                         (frame(codec, &recs), 10)
                     })
                     .collect();
@@ -51,15 +73,39 @@ fn devices_of_every_codec_over_tcp_and_udp_store_exactly_what_was_acked() {
     for (k, codec) in codecs.iter().enumerate() {
         let id = imei(357_000_000_000_000 + k as u64);
         let recs = records(*codec, 3, 1_700_000_000_000, k as u32);
-        let ack = udp_deliver(&sock, gw.addr, &datagram(0xCA00 + k as u16, id, *codec, &recs), LONG);
-        assert_eq!(ack, [0x00, 0x05, 0xCA, k as u8, 0x01, k as u8, 3], "UDP ack echoes packet ids and counts");
+        let ack = udp_deliver(
+            &sock,
+            gw.addr,
+            &datagram(0xCA00 + k as u16, id, *codec, &recs),
+            LONG,
+        );
+        assert_eq!(
+            ack,
+            [0x00, 0x05, 0xCA, k as u8, 0x01, k as u8, 3],
+            "UDP ack echoes packet ids and counts"
+        );
     }
     for h in handles {
         h.join().unwrap();
     }
-    assert_eq!(scalar(&pg, "SELECT count(*) FROM telemetry WHERE imei < 357000000000000"), 24 * 4 * 10);
-    assert_eq!(scalar(&pg, "SELECT count(*) FROM telemetry WHERE imei >= 357000000000000"), 9);
-    assert_eq!(scalar(&pg, "SELECT count(DISTINCT imei) FROM telemetry"), 27);
+    assert_eq!(
+        scalar(
+            &pg,
+            "SELECT count(*) FROM telemetry WHERE imei < 357000000000000"
+        ),
+        24 * 4 * 10
+    );
+    assert_eq!(
+        scalar(
+            &pg,
+            "SELECT count(*) FROM telemetry WHERE imei >= 357000000000000"
+        ),
+        9
+    );
+    assert_eq!(
+        scalar(&pg, "SELECT count(DISTINCT imei) FROM telemetry"),
+        27
+    );
 
     // The decoded values of one record of each codec, as sent.
     for (d, codec) in codecs.iter().enumerate() {
@@ -87,13 +133,18 @@ fn devices_of_every_codec_over_tcp_and_udp_store_exactly_what_was_acked() {
         let ids: Vec<i32> = r.get(10);
         let vals: Vec<i64> = r.get(11);
         assert_eq!(ids, [1, 66, 199, 16]);
-        let want_vals: Vec<i64> = want.io.iter().take(4).map(|(_, v)| match v {
-            fleetgate::protocol::OwnedIoValue::U8(x) => *x as i64,
-            fleetgate::protocol::OwnedIoValue::U16(x) => *x as i64,
-            fleetgate::protocol::OwnedIoValue::U32(x) => *x as i64,
-            fleetgate::protocol::OwnedIoValue::U64(x) => *x as i64,
-            fleetgate::protocol::OwnedIoValue::Nx(_) => unreachable!(),
-        }).collect();
+        let want_vals: Vec<i64> = want
+            .io
+            .iter()
+            .take(4)
+            .map(|(_, v)| match v {
+                fleetgate::protocol::OwnedIoValue::U8(x) => *x as i64,
+                fleetgate::protocol::OwnedIoValue::U16(x) => *x as i64,
+                fleetgate::protocol::OwnedIoValue::U32(x) => *x as i64,
+                fleetgate::protocol::OwnedIoValue::U64(x) => *x as i64,
+                fleetgate::protocol::OwnedIoValue::Nx(_) => unreachable!(),
+            })
+            .collect();
         assert_eq!(vals, want_vals);
         let nx_ids: Vec<i32> = r.get(12);
         let nx_vals: Vec<Vec<u8>> = r.get(13);
@@ -106,10 +157,25 @@ fn devices_of_every_codec_over_tcp_and_udp_store_exactly_what_was_acked() {
         assert_eq!(r.get::<_, i16>(14), codec.id() as i16);
     }
     // IO queryable in plain SQL by id.
-    assert_eq!(scalar(&pg, "SELECT count(*) FROM telemetry WHERE io_value(io_ids, io_values, 66) >= 12000"), 24 * 40 + 9);
+    assert_eq!(
+        scalar(
+            &pg,
+            "SELECT count(*) FROM telemetry WHERE io_value(io_ids, io_values, 66) >= 12000"
+        ),
+        24 * 40 + 9
+    );
     // Every TCP session recorded its connect and its disconnect.
-    assert!(wait_until(LONG, || scalar(&pg, "SELECT count(*) FROM device_sessions WHERE event = 'disconnect'") >= 24));
-    assert_eq!(scalar(&pg, "SELECT count(*) FROM device_sessions WHERE event = 'connect'"), 24);
+    assert!(wait_until(LONG, || scalar(
+        &pg,
+        "SELECT count(*) FROM device_sessions WHERE event = 'disconnect'"
+    ) >= 24));
+    assert_eq!(
+        scalar(
+            &pg,
+            "SELECT count(*) FROM device_sessions WHERE event = 'connect'"
+        ),
+        24
+    );
 }
 
 #[test]
@@ -136,7 +202,13 @@ fn resends_are_stored_once_and_distinct_records_with_one_timestamp_both_survive(
     assert_eq!(dev.send_frame(&frame(Codec::C8E, &same_ts)).unwrap(), 2);
     assert_eq!(dev.send_frame(&frame(Codec::C8E, &mixed)).unwrap(), 5);
     assert_eq!(scalar(&pg, "SELECT count(*) FROM telemetry"), 5 + 2 + 3);
-    assert_eq!(scalar(&pg, "SELECT count(*) FROM telemetry WHERE ts = to_timestamp(1650000000)"), 2);
+    assert_eq!(
+        scalar(
+            &pg,
+            "SELECT count(*) FROM telemetry WHERE ts = to_timestamp(1650000000)"
+        ),
+        2
+    );
 
     // Timestamps from anywhere land: 1970, 2000, far future.
     let mut odd = records(Codec::C8, 3, 0, 4);
@@ -144,29 +216,47 @@ fn resends_are_stored_once_and_distinct_records_with_one_timestamp_both_survive(
     odd[2].ts_ms = 4_102_444_800_000 * 3;
     assert_eq!(dev.send_frame(&frame(Codec::C8, &odd)).unwrap(), 3);
     let odd_times = "ts IN (to_timestamp(0), '2000-01-01Z', to_timestamp(12307334400))";
-    assert_eq!(scalar(&pg, &format!("SELECT count(*) FROM telemetry_default WHERE {odd_times}")), 3);
+    assert_eq!(
+        scalar(
+            &pg,
+            &format!("SELECT count(*) FROM telemetry_default WHERE {odd_times}")
+        ),
+        3
+    );
 }
 
 #[test]
 fn bad_input_is_refused_and_everyone_else_keeps_being_served() {
     let pg = TestPg::start();
-    let gw = Gateway::start(&pg.url(), &["--login-timeout-s", "1", "--max-frame-len", "2048"]);
+    let gw = Gateway::start(
+        &pg.url(),
+        &["--login-timeout-s", "1", "--max-frame-len", "2048"],
+    );
     let good = imei(356_200_000_000_000);
     let mut steady = Device::connect(gw.addr, good);
     let mut ts = 1_700_000_000_000;
     let mut check_steady = |steady: &mut Device| {
         ts += 60_000;
-        assert_eq!(steady.send_frame(&frame(Codec::C8, &records(Codec::C8, 2, ts, 9))).unwrap(), 2);
+        assert_eq!(
+            steady
+                .send_frame(&frame(Codec::C8, &records(Codec::C8, 2, ts, 9)))
+                .unwrap(),
+            2
+        );
     };
 
     // Garbage instead of a login: closed.
-    let mut s = Device { stream: std::net::TcpStream::connect(gw.addr).unwrap() };
+    let mut s = Device {
+        stream: std::net::TcpStream::connect(gw.addr).unwrap(),
+    };
     s.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     assert!(s.closed_within(Duration::from_secs(10)));
     check_steady(&mut steady);
 
     // A malformed IMEI: answered 00, closed.
-    let mut s = Device { stream: std::net::TcpStream::connect(gw.addr).unwrap() };
+    let mut s = Device {
+        stream: std::net::TcpStream::connect(gw.addr).unwrap(),
+    };
     s.send(b"\x00\x0f35620000000000X").unwrap();
     let mut reply = [0u8; 1];
     std::io::Read::read_exact(&mut s.stream, &mut reply).unwrap();
@@ -186,10 +276,18 @@ fn bad_input_is_refused_and_everyone_else_keeps_being_served() {
     f[n - 1] ^= 0x55;
     s.send(&f).unwrap();
     assert!(s.closed_within(Duration::from_secs(10)));
-    assert_eq!(scalar(&pg, "SELECT count(*) FROM telemetry WHERE imei = 356200000000002"), 0);
+    assert_eq!(
+        scalar(
+            &pg,
+            "SELECT count(*) FROM telemetry WHERE imei = 356200000000002"
+        ),
+        0
+    );
 
     // A socket that never logs in is closed after the login timeout.
-    let mut silent = Device { stream: std::net::TcpStream::connect(gw.addr).unwrap() };
+    let mut silent = Device {
+        stream: std::net::TcpStream::connect(gw.addr).unwrap(),
+    };
     assert!(silent.closed_within(Duration::from_secs(10)));
 
     // A client that connects mid-frame and vanishes.
@@ -202,24 +300,45 @@ fn bad_input_is_refused_and_everyone_else_keeps_being_served() {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.send_to(b"\x00\x03abc", gw.addr).unwrap();
     let recs = records(Codec::C8, 1, 1_700_000_000_000, 6);
-    let ack = udp_deliver(&sock, gw.addr, &datagram(7, imei(356_200_000_000_004), Codec::C8, &recs), LONG);
+    let ack = udp_deliver(
+        &sock,
+        gw.addr,
+        &datagram(7, imei(356_200_000_000_004), Codec::C8, &recs),
+        LONG,
+    );
     assert_eq!(ack, [0, 5, 0, 7, 1, 7, 1]);
 
     check_steady(&mut steady);
-    assert_eq!(scalar(&pg, "SELECT count(*) FROM telemetry WHERE imei = 356200000000000"), 4 * 2);
+    assert_eq!(
+        scalar(
+            &pg,
+            "SELECT count(*) FROM telemetry WHERE imei = 356200000000000"
+        ),
+        4 * 2
+    );
 }
 
 #[test]
 fn silent_devices_are_closed_after_the_idle_timeout_and_the_connection_cap_holds() {
     let pg = TestPg::start();
-    let gw = Gateway::start(&pg.url(), &["--idle-timeout-s", "1", "--max-connections-per-shard", "2"]);
+    let gw = Gateway::start(
+        &pg.url(),
+        &["--idle-timeout-s", "1", "--max-connections-per-shard", "2"],
+    );
     let mut quiet = Device::connect(gw.addr, imei(356_310_000_000_000));
     assert!(quiet.closed_within(Duration::from_secs(10)));
-    assert!(wait_until(LONG, || scalar(&pg, "SELECT count(*) FROM device_sessions WHERE reason = 'idle timeout'") == 1));
+    assert!(wait_until(LONG, || scalar(
+        &pg,
+        "SELECT count(*) FROM device_sessions WHERE reason = 'idle timeout'"
+    ) == 1));
 
     // Two shards of two connections each: of five sockets that never log in, the gateway
     // refuses at least one long before the 30 s login timeout.
-    let mut socks: Vec<_> = (0..5).map(|_| Device { stream: std::net::TcpStream::connect(gw.addr).unwrap() }).collect();
+    let mut socks: Vec<_> = (0..5)
+        .map(|_| Device {
+            stream: std::net::TcpStream::connect(gw.addr).unwrap(),
+        })
+        .collect();
     let mut refused = 0;
     for s in &mut socks {
         refused += s.closed_within(Duration::from_secs(2)) as usize;
@@ -233,14 +352,32 @@ fn a_second_connection_for_an_imei_replaces_the_first() {
     let gw = Gateway::start(&pg.url(), &[]);
     let id = imei(356_300_000_000_000);
     let mut first = Device::connect(gw.addr, id);
-    assert_eq!(first.send_frame(&frame(Codec::C8, &records(Codec::C8, 1, 1_700_000_000_000, 1))).unwrap(), 1);
+    assert_eq!(
+        first
+            .send_frame(&frame(
+                Codec::C8,
+                &records(Codec::C8, 1, 1_700_000_000_000, 1)
+            ))
+            .unwrap(),
+        1
+    );
     let mut second = Device::connect(gw.addr, id);
     assert!(first.closed_within(Duration::from_secs(10)));
-    assert_eq!(second.send_frame(&frame(Codec::C8, &records(Codec::C8, 1, 1_700_000_100_000, 2))).unwrap(), 1);
-    assert!(wait_until(LONG, || scalar(
+    assert_eq!(
+        second
+            .send_frame(&frame(
+                Codec::C8,
+                &records(Codec::C8, 1, 1_700_000_100_000, 2)
+            ))
+            .unwrap(),
+        1
+    );
+    assert!(wait_until(LONG, || {
+        scalar(
         &pg,
         "SELECT count(*) FROM device_sessions WHERE event = 'disconnect' AND reason = 'replaced by a new connection'"
-    ) == 1));
+    ) == 1
+    }));
 }
 
 #[test]
@@ -248,7 +385,9 @@ fn a_port_already_served_is_refused() {
     let pg = TestPg::start();
     let first = Gateway::start(&pg.url(), &[]);
     let second = Gateway::start_on(&pg.url(), first.addr.port(), &[]);
-    let err = second.err().expect("a second gateway on the same port must not start");
+    let err = second
+        .err()
+        .expect("a second gateway on the same port must not start");
     assert!(err.contains("already in use"), "{err}");
 }
 
@@ -257,22 +396,39 @@ fn allow_list_refuses_unknown_and_disabled_devices() {
     let pg = TestPg::start();
     scalar(&pg, "WITH i AS (INSERT INTO devices (imei, enabled) VALUES (356400000000001, true), (356400000000002, false) RETURNING 1) SELECT count(*) FROM i");
     let gw = Gateway::start(&pg.url(), &["--device-policy", "allow_list"]);
-    assert_eq!(Device::login(gw.addr, imei(356_400_000_000_001)).unwrap().1, 1);
-    assert_eq!(Device::login(gw.addr, imei(356_400_000_000_002)).unwrap().1, 0);
-    assert_eq!(Device::login(gw.addr, imei(356_400_000_000_003)).unwrap().1, 0);
+    assert_eq!(
+        Device::login(gw.addr, imei(356_400_000_000_001)).unwrap().1,
+        1
+    );
+    assert_eq!(
+        Device::login(gw.addr, imei(356_400_000_000_002)).unwrap().1,
+        0
+    );
+    assert_eq!(
+        Device::login(gw.addr, imei(356_400_000_000_003)).unwrap().1,
+        0
+    );
 }
 
 #[test]
 fn sigterm_commits_and_acks_what_is_in_flight_then_exits() {
     let pg = TestPg::start();
     let mut gw = Gateway::start(&pg.url(), &[]);
-    let mut devs: Vec<_> = (0..8u64).map(|d| Device::connect(gw.addr, imei(356_500_000_000_000 + d))).collect();
+    let mut devs: Vec<_> = (0..8u64)
+        .map(|d| Device::connect(gw.addr, imei(356_500_000_000_000 + d)))
+        .collect();
     for (d, dev) in devs.iter_mut().enumerate() {
         for f in 0..3u64 {
-            dev.send(&frame(Codec::C8E, &records(Codec::C8E, 10, 1_700_000_000_000 + f * 60_000, d as u32))).unwrap();
+            dev.send(&frame(
+                Codec::C8E,
+                &records(Codec::C8E, 10, 1_700_000_000_000 + f * 60_000, d as u32),
+            ))
+            .unwrap();
         }
     }
-    let status = gw.terminate(Duration::from_secs(30)).expect("gateway exits within its deadline");
+    let status = gw
+        .terminate(Duration::from_secs(30))
+        .expect("gateway exits within its deadline");
     assert!(status.success(), "{status:?}");
     // Whatever was acked is stored; nothing stored is unaccounted for.
     let mut acked = 0;
@@ -300,15 +456,37 @@ fn sigkill_during_load_loses_nothing_acked_and_duplicates_nothing() {
         .map(|d| {
             std::thread::spawn(move || {
                 let frames: Vec<_> = (0..frames_each)
-                    .map(|f| (frame(Codec::C8E, &records(Codec::C8E, 10, 1_700_000_000_000 + f * 60_000, (d * 100 + f) as u32)), 10))
+                    .map(|f| {
+                        (
+                            frame(
+                                Codec::C8E,
+                                &records(
+                                    Codec::C8E,
+                                    10,
+                                    1_700_000_000_000 + f * 60_000,
+                                    (d * 100 + f) as u32,
+                                ),
+                            ),
+                            10,
+                        )
+                    })
                     .collect();
-                deliver_all(|| addr, imei(356_600_000_000_000 + d), &frames, 4, Duration::from_secs(240))
+                deliver_all(
+                    || addr,
+                    imei(356_600_000_000_000 + d),
+                    &frames,
+                    4,
+                    Duration::from_secs(240),
+                )
             })
         })
         .collect();
     for _ in 0..2 {
         let before = scalar(&pg, "SELECT count(*) FROM telemetry");
-        assert!(wait_until(LONG, || scalar(&pg, "SELECT count(*) FROM telemetry") > before + 300));
+        assert!(wait_until(LONG, || scalar(
+            &pg,
+            "SELECT count(*) FROM telemetry"
+        ) > before + 300));
         let mut g = gw.lock().unwrap();
         g.kill();
         *g = Gateway::start_on(&pg.url(), port, &[]).expect("restart on the same port");
@@ -316,7 +494,13 @@ fn sigkill_during_load_loses_nothing_acked_and_duplicates_nothing() {
     let resent: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
     let total = (devices * frames_each * 10) as i64;
     assert_eq!(scalar(&pg, "SELECT count(*) FROM telemetry"), total);
-    assert_eq!(scalar(&pg, "SELECT count(*) FROM (SELECT DISTINCT imei, ts, rec_hash FROM telemetry) d"), total);
+    assert_eq!(
+        scalar(
+            &pg,
+            "SELECT count(*) FROM (SELECT DISTINCT imei, ts, rec_hash FROM telemetry) d"
+        ),
+        total
+    );
     eprintln!("frames resent after the kills: {resent}");
 }
 
@@ -333,13 +517,35 @@ fn database_outage_stops_acks_bounds_memory_and_recovers() {
         .map(|d| {
             std::thread::spawn(move || {
                 let frames: Vec<_> = (0..frames_each)
-                    .map(|f| (frame(Codec::C8E, &records(Codec::C8E, 10, 1_700_000_000_000 + f * 60_000, (d * 100 + f) as u32)), 10))
+                    .map(|f| {
+                        (
+                            frame(
+                                Codec::C8E,
+                                &records(
+                                    Codec::C8E,
+                                    10,
+                                    1_700_000_000_000 + f * 60_000,
+                                    (d * 100 + f) as u32,
+                                ),
+                            ),
+                            10,
+                        )
+                    })
                     .collect();
-                deliver_all(|| addr, imei(356_700_000_000_000 + d), &frames, 4, Duration::from_secs(240))
+                deliver_all(
+                    || addr,
+                    imei(356_700_000_000_000 + d),
+                    &frames,
+                    4,
+                    Duration::from_secs(240),
+                )
             })
         })
         .collect();
-    assert!(wait_until(LONG, || scalar(&pg, "SELECT count(*) FROM telemetry") > 500));
+    assert!(wait_until(LONG, || scalar(
+        &pg,
+        "SELECT count(*) FROM telemetry"
+    ) > 500));
     pg.pg.stop().unwrap();
     // During the outage the gateway holds at most its in-flight limits.
     let mut peak = 0;
@@ -347,7 +553,10 @@ fn database_outage_stops_acks_bounds_memory_and_recovers() {
         peak = peak.max(gw.rss_kib());
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(peak > 0 && peak < 256 * 1024, "gateway RSS during the outage: {peak} KiB");
+    assert!(
+        peak > 0 && peak < 256 * 1024,
+        "gateway RSS during the outage: {peak} KiB"
+    );
     pg.pg.restart_after_stop().unwrap();
     for h in handles {
         h.join().unwrap();

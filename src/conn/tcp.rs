@@ -42,19 +42,28 @@ impl ConnGuard {
         let id = shard.next_conn_id();
         shard.conns.borrow_mut().insert(id, fd);
         shard.stats.connections_open.fetch_add(1, Ordering::Relaxed);
-        ConnGuard { shard: shard.clone(), id, fd }
+        ConnGuard {
+            shard: shard.clone(),
+            id,
+            fd,
+        }
     }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.shard.conns.borrow_mut().remove(&self.id);
-        self.shard.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+        self.shard
+            .stats
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 fn now_us() -> i64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// A connection just accepted on this shard.
@@ -88,7 +97,12 @@ pub async fn accepted(shard: Rc<Shard>, mut stream: TcpStream, conn: ConnGuard) 
     }
     // SAFETY: `dup` is a fresh descriptor nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(dup) };
-    let msg = ShardMsg::Adopt { fd, imei, peer: peer.unwrap_or_else(|| ([0, 0, 0, 0], 0).into()), pending: rb.data().to_vec() };
+    let msg = ShardMsg::Adopt {
+        fd,
+        imei,
+        peer: peer.unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
+        pending: rb.data().to_vec(),
+    };
     if shard.inboxes[owner].unbounded_send(msg).is_ok() {
         ShardStats::inc(&shard.stats.handoffs);
     }
@@ -109,7 +123,11 @@ pub async fn adopt(shard: Rc<Shard>, fd: OwnedFd, imei: Imei, peer: SocketAddr, 
 }
 
 /// Reads up to the login. Pings before it are skipped; a bad IMEI is answered `00`.
-async fn read_login(shard: &Shard, stream: &mut TcpStream, rb: &mut ReadBuf) -> Result<Imei, &'static str> {
+async fn read_login(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    rb: &mut ReadBuf,
+) -> Result<Imei, &'static str> {
     let deadline = Instant::now() + shard.config.login_timeout();
     loop {
         match decode_frame(rb.data(), shard.config.max_frame_len) {
@@ -156,7 +174,13 @@ struct PendingAck {
     _permit: StaticPermit,
 }
 
-fn session_event(shard: &Shard, imei: Imei, event: &'static str, peer: Option<SocketAddr>, reason: Option<String>) {
+fn session_event(
+    shard: &Shard,
+    imei: Imei,
+    event: &'static str,
+    peer: Option<SocketAddr>,
+    reason: Option<String>,
+) {
     let ev = SessionEvent {
         imei: imei.as_u64(),
         event,
@@ -172,7 +196,14 @@ fn session_event(shard: &Shard, imei: Imei, event: &'static str, peer: Option<So
 }
 
 /// The session of a logged-in device on its owning shard.
-async fn session(shard: Rc<Shard>, mut stream: TcpStream, conn: ConnGuard, imei: Imei, peer: Option<SocketAddr>, mut rb: ReadBuf) {
+async fn session(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    conn: ConnGuard,
+    imei: Imei,
+    peer: Option<SocketAddr>,
+    mut rb: ReadBuf,
+) {
     let replaced = shard.devices.borrow_mut().attach(imei, (conn.id, conn.fd));
     if let Some((_, old_fd)) = replaced {
         ShardStats::inc(&shard.stats.replaced);
@@ -188,14 +219,20 @@ async fn session(shard: Rc<Shard>, mut stream: TcpStream, conn: ConnGuard, imei:
     session_event(&shard, imei, "connect", peer, None);
 
     let (mut rd, wr) = stream.split();
-    let (ack_tx, ack_rx) = local_channel::new_bounded(shard.config.max_frames_in_flight_per_connection);
+    let (ack_tx, ack_rx) =
+        local_channel::new_bounded(shard.config.max_frames_in_flight_per_connection);
     let acker = glommio::spawn_local(acker(shard.clone(), wr, ack_rx, conn.fd, imei));
     let mut reason = read_loop(&shard, &mut rd, &mut rb, imei, &ack_tx).await;
     drop(ack_tx);
     if let Some(r) = acker.await {
         reason = r.to_string();
     }
-    let still_ours = shard.devices.borrow().get(imei).and_then(|d| d.conn).is_some_and(|(id, _)| id == conn.id);
+    let still_ours = shard
+        .devices
+        .borrow()
+        .get(imei)
+        .and_then(|d| d.conn)
+        .is_some_and(|(id, _)| id == conn.id);
     if !still_ours {
         reason = "replaced by a new connection".into();
     } else if shard.is_stopping() {
@@ -230,12 +267,24 @@ async fn read_loop(
                             return "shard stopping".into();
                         };
                         let (tx, rx) = oneshot::channel();
-                        let batch = WriterBatch { rows: rows.into(), records, done: tx };
+                        let batch = WriterBatch {
+                            rows: rows.into(),
+                            records,
+                            done: tx,
+                        };
                         if shard.writer.try_send(WriterMsg::Rows(batch)).is_err() {
                             tracing::error!(shard = shard.id, %imei, "Writer queue full or gone; closing the connection.");
                             return "writer unavailable".into();
                         }
-                        if acks.send(PendingAck { done: rx, records, _permit: permit }).await.is_err() {
+                        if acks
+                            .send(PendingAck {
+                                done: rx,
+                                records,
+                                _permit: permit,
+                            })
+                            .await
+                            .is_err()
+                        {
                             return "acker stopped".into();
                         }
                     }
@@ -271,7 +320,13 @@ async fn read_loop(
 /// Answers frames in order as their commits come back. After a failure nothing more is acked
 /// (acks are positional: a later ack would be taken for the failed frame), and the reader is
 /// stopped; the device resends. Returns why it broke the connection, if it did.
-async fn acker(shard: Rc<Shard>, mut wr: WriteHalf<TcpStream>, pending: LocalReceiver<PendingAck>, fd: RawFd, imei: Imei) -> Option<&'static str> {
+async fn acker(
+    shard: Rc<Shard>,
+    mut wr: WriteHalf<TcpStream>,
+    pending: LocalReceiver<PendingAck>,
+    fd: RawFd,
+    imei: Imei,
+) -> Option<&'static str> {
     let mut broken = None;
     while let Some(p) = pending.recv().await {
         let outcome = p.done.await.unwrap_or(WriteOutcome::Failed);
@@ -284,7 +339,10 @@ async fn acker(shard: Rc<Shard>, mut wr: WriteHalf<TcpStream>, pending: LocalRec
                     broken = Some("ack write failed");
                     shut_read(fd);
                 } else {
-                    shard.stats.records_acked.fetch_add(p.records as u64, Ordering::Relaxed);
+                    shard
+                        .stats
+                        .records_acked
+                        .fetch_add(p.records as u64, Ordering::Relaxed);
                     shard.count_stored(imei, p.records);
                 }
             }

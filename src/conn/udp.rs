@@ -54,13 +54,28 @@ pub async fn serve(shard: Rc<Shard>, sock: Rc<UdpSocket>) {
         }
         let records = d.avl.count() as u32;
         let mut rows = Vec::with_capacity(d.avl.records_bytes().len() * 2 + 64);
-        let now_us = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |t| t.as_micros() as i64);
+        let now_us = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |t| t.as_micros() as i64);
         encode_rows(d.imei, &d.avl, now_us, &mut rows);
         let ack = encode_ack(d.packet_id, d.avl_packet_id, d.avl.count());
-        let Ok(permit) = shard.in_flight.acquire_static_permit(1).await else { return };
+        let Ok(permit) = shard.in_flight.acquire_static_permit(1).await else {
+            return;
+        };
         let (tx, rx) = oneshot::channel();
-        if shard.writer.try_send(WriterMsg::Rows(WriterBatch { rows: rows.into(), records, done: tx })).is_err() {
-            tracing::error!(shard = shard.id, "Writer queue full or gone; datagram dropped unacked.");
+        if shard
+            .writer
+            .try_send(WriterMsg::Rows(WriterBatch {
+                rows: rows.into(),
+                records,
+                done: tx,
+            }))
+            .is_err()
+        {
+            tracing::error!(
+                shard = shard.id,
+                "Writer queue full or gone; datagram dropped unacked."
+            );
             continue;
         }
         let (s, sock, imei) = (shard.clone(), sock.clone(), d.imei);
@@ -69,7 +84,9 @@ pub async fn serve(shard: Rc<Shard>, sock: Rc<UdpSocket>) {
             if rx.await == Ok(WriteOutcome::Committed) {
                 s.count_stored(imei, records);
                 if sock.send_to(&ack, peer).await.is_ok() {
-                    s.stats.udp_records_acked.fetch_add(records as u64, Ordering::Relaxed);
+                    s.stats
+                        .udp_records_acked
+                        .fetch_add(records as u64, Ordering::Relaxed);
                 }
             }
         });

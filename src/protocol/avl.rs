@@ -50,7 +50,10 @@ impl<'a> AvlData<'a> {
         let count = data[1];
         let count2 = data[data.len() - 1];
         if count != count2 {
-            return Err(DecodeError::CountMismatch { first: count, last: count2 });
+            return Err(DecodeError::CountMismatch {
+                first: count,
+                last: count2,
+            });
         }
         let records = &data[2..data.len() - 1];
         let mut rest = records;
@@ -59,9 +62,15 @@ impl<'a> AvlData<'a> {
             rest = &rest[len..];
         }
         if !rest.is_empty() {
-            return Err(DecodeError::TrailingBytes { extra: rest.len() as u32 });
+            return Err(DecodeError::TrailingBytes {
+                extra: rest.len() as u32,
+            });
         }
-        Ok(AvlData { codec, count, records })
+        Ok(AvlData {
+            codec,
+            count,
+            records,
+        })
     }
 
     /// Which codec the records are in.
@@ -81,7 +90,11 @@ impl<'a> AvlData<'a> {
 
     /// The records, in wire order, borrowing the frame.
     pub fn records(&self) -> Records<'a> {
-        Records { codec: self.codec, rest: self.records, left: self.count }
+        Records {
+            codec: self.codec,
+            rest: self.records,
+            left: self.count,
+        }
     }
 }
 
@@ -131,11 +144,35 @@ struct IoLayout {
 
 fn layout(codec: Codec) -> IoLayout {
     match codec {
-        Codec::C8 => IoLayout { event: 1, gen_type: false, count: 1, id: 1, nx: false },
-        Codec::C8E => IoLayout { event: 2, gen_type: false, count: 2, id: 2, nx: true },
-        Codec::C16 => IoLayout { event: 2, gen_type: true, count: 1, id: 2, nx: false },
+        Codec::C8 => IoLayout {
+            event: 1,
+            gen_type: false,
+            count: 1,
+            id: 1,
+            nx: false,
+        },
+        Codec::C8E => IoLayout {
+            event: 2,
+            gen_type: false,
+            count: 2,
+            id: 2,
+            nx: true,
+        },
+        Codec::C16 => IoLayout {
+            event: 2,
+            gen_type: true,
+            count: 1,
+            id: 2,
+            nx: false,
+        },
         // Non-AVL codecs never reach here: AvlData::parse refuses them.
-        _ => IoLayout { event: 1, gen_type: false, count: 1, id: 1, nx: false },
+        _ => IoLayout {
+            event: 1,
+            gen_type: false,
+            count: 1,
+            id: 1,
+            nx: false,
+        },
     }
 }
 
@@ -147,7 +184,12 @@ fn read_be(b: &[u8]) -> u64 {
 }
 
 #[inline]
-fn take<'a>(buf: &'a [u8], at: usize, n: usize, what: &'static str) -> Result<&'a [u8], DecodeError> {
+fn take<'a>(
+    buf: &'a [u8],
+    at: usize,
+    n: usize,
+    what: &'static str,
+) -> Result<&'a [u8], DecodeError> {
     buf.get(at..at + n).ok_or(DecodeError::Truncated { what })
 }
 
@@ -175,10 +217,15 @@ fn record_len(codec: Codec, buf: &[u8]) -> Result<usize, DecodeError> {
         }
     }
     if at > buf.len() {
-        return Err(DecodeError::Truncated { what: "io elements" });
+        return Err(DecodeError::Truncated {
+            what: "io elements",
+        });
     }
     if total != sum {
-        return Err(DecodeError::IoCountMismatch { total: total as u16, sum: sum as u16 });
+        return Err(DecodeError::IoCountMismatch {
+            total: total as u16,
+            sum: sum as u16,
+        });
     }
     Ok(at)
 }
@@ -200,9 +247,20 @@ impl<'a> AvlRecord<'a> {
         let (header, rest) = RecordHeader::ref_from_prefix(raw).ok()?;
         let l = layout(codec);
         let event_io = read_be(rest.get(..l.event)?) as u16;
-        let gen_type = if l.gen_type { Some(*rest.get(l.event)?) } else { None };
+        let gen_type = if l.gen_type {
+            Some(*rest.get(l.event)?)
+        } else {
+            None
+        };
         let io = rest.get(l.event + l.gen_type as usize..)?;
-        Some(AvlRecord { codec, header, event_io, gen_type, io, raw })
+        Some(AvlRecord {
+            codec,
+            header,
+            event_io,
+            gen_type,
+            io,
+            raw,
+        })
     }
 
     /// The record's exact wire bytes (what identifies a resend).
@@ -265,7 +323,17 @@ impl<'a> AvlRecord<'a> {
     /// Every IO element, in wire order (1-, 2-, 4-, 8-byte groups, then NX).
     pub fn io(&self) -> IoIter<'a> {
         let l = layout(self.codec);
-        IoIter { codec: self.codec, buf: self.io, at: l.count, group: 0, left: 0, started: false }
+        let mut it = IoIter {
+            buf: self.io,
+            at: l.count,
+            left: 0,
+            group: 0,
+            id_w: l.id as u8,
+            count_w: l.count as u8,
+            last_group: if l.nx { 4 } else { 3 },
+        };
+        it.left = it.read_count().unwrap_or(0);
+        it
     }
     /// An owned copy, for tests, tools and the load generator.
     pub fn to_owned_record(&self) -> Record {
@@ -280,7 +348,10 @@ impl<'a> AvlRecord<'a> {
             speed: self.speed(),
             event_io: self.event_io(),
             gen_type: self.gen_type(),
-            io: self.io().map(|e| (e.id, e.value.to_owned_value())).collect(),
+            io: self
+                .io()
+                .map(|e| (e.id, e.value.to_owned_value()))
+                .collect(),
         }
     }
 }
@@ -326,57 +397,85 @@ pub struct IoElement<'a> {
 }
 
 /// Iterator over a record's IO elements.
+///
+/// The codec's field widths are fixed when it is made, so the per-element path is two
+/// fixed-width big-endian reads with their bounds checks.
 #[derive(Clone, Debug)]
 pub struct IoIter<'a> {
-    codec: Codec,
     buf: &'a [u8],
     at: usize,
-    /// 0..4 fixed groups by width, 4 the NX group.
-    group: usize,
+    /// Elements left in the current group.
     left: u64,
-    started: bool,
+    /// 0..=3: the fixed groups of 1, 2, 4, 8 bytes; 4: NX.
+    group: u8,
+    id_w: u8,
+    count_w: u8,
+    last_group: u8,
+}
+
+#[inline(always)]
+fn be_uint(b: &[u8], w: usize) -> Option<u64> {
+    Some(match w {
+        1 => *b.first()? as u64,
+        2 => u16::from_be_bytes(b.get(..2)?.try_into().ok()?) as u64,
+        4 => u32::from_be_bytes(b.get(..4)?.try_into().ok()?) as u64,
+        _ => u64::from_be_bytes(b.get(..8)?.try_into().ok()?),
+    })
+}
+
+impl IoIter<'_> {
+    /// Reads the element count of the group starting at `at`.
+    fn read_count(&mut self) -> Option<u64> {
+        let w = if self.group == 4 {
+            2
+        } else {
+            self.count_w as usize
+        };
+        let n = be_uint(self.buf.get(self.at..)?, w)?;
+        self.at += w;
+        Some(n)
+    }
+
+    #[cold]
+    fn open_next_group(&mut self) -> Option<()> {
+        if self.group >= self.last_group {
+            return None;
+        }
+        self.group += 1;
+        self.left = self.read_count()?;
+        Some(())
+    }
 }
 
 impl<'a> Iterator for IoIter<'a> {
     type Item = IoElement<'a>;
 
+    #[inline]
     fn next(&mut self) -> Option<IoElement<'a>> {
-        let l = layout(self.codec);
-        loop {
-            if self.started && self.left > 0 {
-                break;
-            }
-            if self.started {
-                self.group += 1;
-            }
-            self.started = true;
-            if self.group > 4 || (self.group == 4 && !l.nx) {
-                return None;
-            }
-            let cw = if self.group == 4 { 2 } else { l.count };
-            self.left = read_be(self.buf.get(self.at..self.at + cw)?);
-            self.at += cw;
+        while self.left == 0 {
+            self.open_next_group()?;
         }
         self.left -= 1;
-        let id = read_be(self.buf.get(self.at..self.at + l.id)?) as u16;
-        self.at += l.id;
-        let value = if self.group == 4 {
-            let len = read_be(self.buf.get(self.at..self.at + 2)?) as usize;
-            self.at += 2;
-            let v = self.buf.get(self.at..self.at + len)?;
-            self.at += len;
-            IoValue::Nx(v)
-        } else {
-            let w = WIDTHS[self.group];
-            let v = read_be(self.buf.get(self.at..self.at + w)?);
-            self.at += w;
-            match w {
-                1 => IoValue::U8(v as u8),
-                2 => IoValue::U16(v as u16),
-                4 => IoValue::U32(v as u32),
-                _ => IoValue::U64(v),
+        let rest = self.buf.get(self.at..)?;
+        let id_w = self.id_w as usize;
+        let id = be_uint(rest, id_w)? as u16;
+        let rest = rest.get(id_w..)?;
+        let value = match self.group {
+            0 => IoValue::U8(*rest.first()?),
+            1 => IoValue::U16(be_uint(rest, 2)? as u16),
+            2 => IoValue::U32(be_uint(rest, 4)? as u32),
+            3 => IoValue::U64(be_uint(rest, 8)?),
+            _ => {
+                let len = be_uint(rest, 2)? as usize;
+                let v = rest.get(2..2 + len)?;
+                self.at += id_w + 2 + len;
+                return Some(IoElement {
+                    id,
+                    value: IoValue::Nx(v),
+                });
             }
         };
+        self.at += id_w + (1usize << self.group);
         Some(IoElement { id, value })
     }
 }
@@ -514,7 +613,11 @@ pub fn encode_record(codec: Codec, r: &Record, out: &mut Vec<u8>) -> Result<(), 
 ///
 /// # Errors
 /// More than 255 records, or a record that does not fit the codec.
-pub fn encode_avl_data(codec: Codec, records: &[Record], out: &mut Vec<u8>) -> Result<(), EncodeError> {
+pub fn encode_avl_data(
+    codec: Codec,
+    records: &[Record],
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
     let n = u8::try_from(records.len()).map_err(|_| EncodeError::TooManyRecords)?;
     out.push(codec.id());
     out.push(n);

@@ -41,7 +41,9 @@ impl<'a> CommandFrame<'a> {
     pub fn parse(data: &'a [u8]) -> Result<CommandFrame<'a>, DecodeError> {
         // codec(1) q1(1) type(1) size(4) payload q2(1)
         if data.len() < 8 {
-            return Err(DecodeError::Truncated { what: "command frame" });
+            return Err(DecodeError::Truncated {
+                what: "command frame",
+            });
         }
         let codec = Codec::from_id(data[0]).ok_or(DecodeError::UnknownCodec(data[0]))?;
         if codec.is_avl() {
@@ -50,21 +52,35 @@ impl<'a> CommandFrame<'a> {
         let quantity = data[1];
         let last = data[data.len() - 1];
         if quantity != last {
-            return Err(DecodeError::CountMismatch { first: quantity, last });
+            return Err(DecodeError::CountMismatch {
+                first: quantity,
+                last,
+            });
         }
         let kind = data[2];
         let size = u32::from_be_bytes([data[3], data[4], data[5], data[6]]) as usize;
         let body = &data[7..data.len() - 1];
         if size != body.len() {
-            return Err(DecodeError::SizeMismatch { declared: size as u32, present: body.len() as u32 });
+            return Err(DecodeError::SizeMismatch {
+                declared: size as u32,
+                present: body.len() as u32,
+            });
         }
         let (imei_field, ts_ms, payload) = match codec {
             Codec::C14 => {
-                let f: [u8; 8] = body.get(..8).ok_or(DecodeError::Truncated { what: "codec 14 imei" })?.try_into().unwrap_or_default();
+                let f: [u8; 8] = body
+                    .get(..8)
+                    .ok_or(DecodeError::Truncated {
+                        what: "codec 14 imei",
+                    })?
+                    .try_into()
+                    .unwrap_or_default();
                 (Some(f), None, &body[8..])
             }
             Codec::C15 => {
-                let head = body.get(..12).ok_or(DecodeError::Truncated { what: "codec 15 header" })?;
+                let head = body.get(..12).ok_or(DecodeError::Truncated {
+                    what: "codec 15 header",
+                })?;
                 let ts = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
                 let f: [u8; 8] = head[4..12].try_into().unwrap_or_default();
                 (Some(f), Some(ts as u64 * 1000), &body[12..])
@@ -73,16 +89,30 @@ impl<'a> CommandFrame<'a> {
                 // The documentation says 4 bytes of seconds; its own CRC-valid example (and
                 // devices in the field) carry 8 bytes of milliseconds. A 4-byte reading below
                 // 2^24 seconds (1970-07) can only be the high half of a millisecond count.
-                let head = body.get(..4).ok_or(DecodeError::Truncated { what: "codec 13 timestamp" })?;
+                let head = body.get(..4).ok_or(DecodeError::Truncated {
+                    what: "codec 13 timestamp",
+                })?;
                 let secs = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
                 match body.get(..8) {
-                    Some(ms) if secs < 1 << 24 => (None, Some(u64::from_be_bytes(ms.try_into().unwrap_or_default())), &body[8..]),
+                    Some(ms) if secs < 1 << 24 => (
+                        None,
+                        Some(u64::from_be_bytes(ms.try_into().unwrap_or_default())),
+                        &body[8..],
+                    ),
                     _ => (None, Some(secs as u64 * 1000), &body[4..]),
                 }
             }
             _ => (None, None, body),
         };
-        Ok(CommandFrame { codec, quantity, kind, imei_field, ts_ms, body, payload })
+        Ok(CommandFrame {
+            codec,
+            quantity,
+            kind,
+            imei_field,
+            ts_ms,
+            body,
+            payload,
+        })
     }
 
     /// The IMEI of a Codec 14/15 frame, when the field holds decimal digits.
@@ -113,8 +143,17 @@ fn printable(b: &[u8]) -> Option<&str> {
 ///
 /// # Panics
 /// If `codec` is not 12 or 14, if Codec 14 is given no IMEI, or the payload exceeds u32.
-pub fn encode_command_data(codec: Codec, kind: u8, imei: Option<Imei>, payload: &[u8], out: &mut Vec<u8>) {
-    assert!(matches!(codec, Codec::C12 | Codec::C14), "encode_command_data takes codec 12 or 14");
+pub fn encode_command_data(
+    codec: Codec,
+    kind: u8,
+    imei: Option<Imei>,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) {
+    assert!(
+        matches!(codec, Codec::C12 | Codec::C14),
+        "encode_command_data takes codec 12 or 14"
+    );
     let field = match codec {
         Codec::C14 => Some(imei.expect("codec 14 needs an IMEI").to_bcd_field()),
         _ => None,

@@ -116,7 +116,10 @@ mod tests {
     #[test]
     fn bcd_field() {
         let i = Imei::from_ascii(b"352093081452251").unwrap();
-        assert_eq!(i.to_bcd_field(), [0x03, 0x52, 0x09, 0x30, 0x81, 0x45, 0x22, 0x51]);
+        assert_eq!(
+            i.to_bcd_field(),
+            [0x03, 0x52, 0x09, 0x30, 0x81, 0x45, 0x22, 0x51]
+        );
         assert_eq!(Imei::from_bcd_field(&i.to_bcd_field()), Some(i));
         assert_eq!(Imei::from_bcd_field(&[0x0a, 0, 0, 0, 0, 0, 0, 0]), None);
     }

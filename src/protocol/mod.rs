@@ -15,9 +15,9 @@ pub mod tcp;
 pub mod udp;
 
 #[cfg(test)]
-mod wiki_tests;
-#[cfg(test)]
 mod proptests;
+#[cfg(test)]
+mod wiki_tests;
 
 pub use avl::{AvlData, AvlRecord, IoElement, IoValue, OwnedIoValue, Record};
 pub use command::CommandFrame;

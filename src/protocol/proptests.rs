@@ -17,31 +17,56 @@ fn io_group(codec: Codec, group: usize) -> impl Strategy<Value = Vec<(u16, Owned
         3 => any::<u64>().prop_map(OwnedIoValue::U64).boxed(),
         _ => vec(any::<u8>(), 0..40).prop_map(OwnedIoValue::Nx).boxed(),
     };
-    let max_len = if group == 4 && codec != Codec::C8E { 0 } else { 12 };
+    let max_len = if group == 4 && codec != Codec::C8E {
+        0
+    } else {
+        12
+    };
     vec((0..=max_id, value), 0..=max_len)
 }
 
 fn record(codec: Codec) -> impl Strategy<Value = Record> {
     let max_event: u16 = if codec == Codec::C8 { 0xff } else { 0xffff };
-    let groups = (io_group(codec, 0), io_group(codec, 1), io_group(codec, 2), io_group(codec, 3), io_group(codec, 4));
+    let groups = (
+        io_group(codec, 0),
+        io_group(codec, 1),
+        io_group(codec, 2),
+        io_group(codec, 3),
+        io_group(codec, 4),
+    );
     (
-        (any::<u64>(), 0u8..=2, any::<i32>(), any::<i32>(), any::<i16>(), any::<u16>(), any::<u8>(), any::<u16>()),
+        (
+            any::<u64>(),
+            0u8..=2,
+            any::<i32>(),
+            any::<i32>(),
+            any::<i16>(),
+            any::<u16>(),
+            any::<u8>(),
+            any::<u16>(),
+        ),
         (0..=max_event, any::<u8>()),
         groups,
     )
-        .prop_map(move |((ts_ms, priority, lon, lat, alt, angle, sats, speed), (event_io, gen), (a, b, c, d, e))| Record {
-            ts_ms,
-            priority,
-            lon,
-            lat,
-            alt,
-            angle,
-            sats,
-            speed,
-            event_io,
-            gen_type: (codec == Codec::C16).then_some(gen),
-            io: [a, b, c, d, e].concat(),
-        })
+        .prop_map(
+            move |(
+                (ts_ms, priority, lon, lat, alt, angle, sats, speed),
+                (event_io, gen),
+                (a, b, c, d, e),
+            )| Record {
+                ts_ms,
+                priority,
+                lon,
+                lat,
+                alt,
+                angle,
+                sats,
+                speed,
+                event_io,
+                gen_type: (codec == Codec::C16).then_some(gen),
+                io: [a, b, c, d, e].concat(),
+            },
+        )
 }
 
 fn codec_and_records() -> impl Strategy<Value = (Codec, Vec<Record>)> {

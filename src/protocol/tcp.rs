@@ -37,7 +37,10 @@ pub enum Frame<'a> {
 ///
 /// # Errors
 /// A [`DecodeError`] for bytes that cannot be a valid item; the connection should be closed.
-pub fn decode_frame(buf: &[u8], max_frame_len: u32) -> Result<Status<(Frame<'_>, usize)>, DecodeError> {
+pub fn decode_frame(
+    buf: &[u8],
+    max_frame_len: u32,
+) -> Result<Status<(Frame<'_>, usize)>, DecodeError> {
     let Some(&first) = buf.first() else {
         return Ok(Status::Partial(1));
     };
@@ -71,10 +74,15 @@ pub fn decode_frame(buf: &[u8], max_frame_len: u32) -> Result<Status<(Frame<'_>,
     }
     let data_len = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
     if data_len > max_frame_len {
-        return Err(DecodeError::FrameTooLarge { declared: data_len, max: max_frame_len });
+        return Err(DecodeError::FrameTooLarge {
+            declared: data_len,
+            max: max_frame_len,
+        });
     }
     if data_len < 3 {
-        return Err(DecodeError::Truncated { what: "data length" });
+        return Err(DecodeError::Truncated {
+            what: "data length",
+        });
     }
     let total = HEADER_LEN + data_len as usize + TRAILER_LEN;
     if buf.len() < total {
@@ -102,7 +110,10 @@ pub fn encode_record_ack(accepted: u32) -> [u8; 4] {
 }
 
 /// Wraps the data field that `fill` appends in preamble, data length and CRC.
-fn encode_framed(out: &mut Vec<u8>, fill: impl FnOnce(&mut Vec<u8>) -> Result<(), EncodeError>) -> Result<(), EncodeError> {
+fn encode_framed(
+    out: &mut Vec<u8>,
+    fill: impl FnOnce(&mut Vec<u8>) -> Result<(), EncodeError>,
+) -> Result<(), EncodeError> {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER_LEN]);
     fill(out)?;
@@ -117,7 +128,11 @@ fn encode_framed(out: &mut Vec<u8>, fill: impl FnOnce(&mut Vec<u8>) -> Result<()
 ///
 /// # Errors
 /// See [`encode_avl_data`].
-pub fn encode_avl_frame(codec: Codec, records: &[Record], out: &mut Vec<u8>) -> Result<(), EncodeError> {
+pub fn encode_avl_frame(
+    codec: Codec,
+    records: &[Record],
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
     encode_framed(out, |o| encode_avl_data(codec, records, o))
 }
 
@@ -126,7 +141,13 @@ pub fn encode_avl_frame(codec: Codec, records: &[Record], out: &mut Vec<u8>) -> 
 ///
 /// # Panics
 /// As [`encode_command_data`].
-pub fn encode_command_frame(codec: Codec, kind: u8, imei: Option<Imei>, payload: &[u8], out: &mut Vec<u8>) {
+pub fn encode_command_frame(
+    codec: Codec,
+    kind: u8,
+    imei: Option<Imei>,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) {
     let _ = encode_framed(out, |o| {
         encode_command_data(codec, kind, imei, payload, o);
         Ok(())
@@ -230,7 +251,9 @@ mod tests {
                 speed: 6,
                 event_io: 7,
                 gen_type: None,
-                io: (0..20).map(|k| (k, crate::protocol::OwnedIoValue::U32(k as u32))).collect(),
+                io: (0..20)
+                    .map(|k| (k, crate::protocol::OwnedIoValue::U32(k as u32)))
+                    .collect(),
             })
             .collect();
         let mut f = Vec::new();
@@ -249,19 +272,31 @@ mod tests {
         let mut head = vec![0, 0, 0, 0];
         head.extend_from_slice(&100_000u32.to_be_bytes());
         let err = decode_frame(&head, 4096).unwrap_err();
-        assert_eq!(err, DecodeError::FrameTooLarge { declared: 100_000, max: 4096 });
+        assert_eq!(
+            err,
+            DecodeError::FrameTooLarge {
+                declared: 100_000,
+                max: 4096
+            }
+        );
     }
 
     #[test]
     fn bad_preamble_is_refused_early() {
-        assert_eq!(decode_frame(&[0, 0, 1], 4096).unwrap_err(), DecodeError::BadPreamble);
+        assert_eq!(
+            decode_frame(&[0, 0, 1], 4096).unwrap_err(),
+            DecodeError::BadPreamble
+        );
         assert_eq!(decode_frame(&[0, 0], 4096).unwrap(), Status::Partial(6));
     }
 
     #[test]
     fn partial_reports_what_is_missing() {
         let f = h(C8);
-        assert_eq!(decode_frame(&f[..10], 4096).unwrap(), Status::Partial(f.len() - 10));
+        assert_eq!(
+            decode_frame(&f[..10], 4096).unwrap(),
+            Status::Partial(f.len() - 10)
+        );
         assert_eq!(decode_frame(&[], 4096).unwrap(), Status::Partial(1));
     }
 
@@ -270,7 +305,10 @@ mod tests {
         let mut f = h(C8);
         let n = f.len();
         f[n - 1] ^= 1;
-        assert!(matches!(decode_frame(&f, 4096), Err(DecodeError::Crc { .. })));
+        assert!(matches!(
+            decode_frame(&f, 4096),
+            Err(DecodeError::Crc { .. })
+        ));
     }
 
     #[test]
@@ -280,22 +318,39 @@ mod tests {
         let mut data = f[8..f.len() - 4].to_vec();
         let last = data.len() - 1;
         data[last] = 2;
-        assert_eq!(AvlData::parse(&data).unwrap_err(), DecodeError::CountMismatch { first: 1, last: 2 });
+        assert_eq!(
+            AvlData::parse(&data).unwrap_err(),
+            DecodeError::CountMismatch { first: 1, last: 2 }
+        );
         let mut data = f[8..f.len() - 4].to_vec();
         data.insert(data.len() - 1, 0);
-        assert_eq!(AvlData::parse(&data).unwrap_err(), DecodeError::TrailingBytes { extra: 1 });
+        assert_eq!(
+            AvlData::parse(&data).unwrap_err(),
+            DecodeError::TrailingBytes { extra: 1 }
+        );
     }
 
     #[test]
     fn command_frames_round_trip() {
         let mut out = Vec::new();
         encode_command_frame(Codec::C12, 0x05, None, b"getinfo", &mut out);
-        assert_eq!(hex::encode(&out), "000000000000000f0c010500000007676574696e666f0100004312");
+        assert_eq!(
+            hex::encode(&out),
+            "000000000000000f0c010500000007676574696e666f0100004312"
+        );
         let imei = Imei::from_ascii(b"352093081452251").unwrap();
         out.clear();
         encode_command_frame(Codec::C14, 0x05, Some(imei), b"getver", &mut out);
-        assert_eq!(hex::encode(&out), "00000000000000160e01050000000e0352093081452251676574766572010000d2c1");
-        let Status::Complete((Frame::Command(c), _)) = decode_frame(&out, 4096).unwrap() else { panic!() };
-        assert_eq!((c.kind, c.imei(), c.text()), (0x05, Some(imei), Some("getver")));
+        assert_eq!(
+            hex::encode(&out),
+            "00000000000000160e01050000000e0352093081452251676574766572010000d2c1"
+        );
+        let Status::Complete((Frame::Command(c), _)) = decode_frame(&out, 4096).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (c.kind, c.imei(), c.text()),
+            (0x05, Some(imei), Some("getver"))
+        );
     }
 }

@@ -23,19 +23,32 @@ pub const UDP_ACK_LEN: usize = 7;
 /// The length field disagrees with the datagram, the IMEI is not 15 digits, or the AVL data is
 /// bad (see [`AvlData::parse`]).
 pub fn decode_datagram(buf: &[u8]) -> Result<UdpDatagram<'_>, DecodeError> {
-    let head = buf.get(..8).ok_or(DecodeError::Truncated { what: "udp header" })?;
+    let head = buf
+        .get(..8)
+        .ok_or(DecodeError::Truncated { what: "udp header" })?;
     let len = u16::from_be_bytes([head[0], head[1]]) as usize;
     if len != buf.len() - 2 {
-        return Err(DecodeError::SizeMismatch { declared: len as u32, present: (buf.len() - 2) as u32 });
+        return Err(DecodeError::SizeMismatch {
+            declared: len as u32,
+            present: (buf.len() - 2) as u32,
+        });
     }
     let packet_id = u16::from_be_bytes([head[2], head[3]]);
     let not_usable = head[4];
     let avl_packet_id = head[5];
     let imei_len = u16::from_be_bytes([head[6], head[7]]) as usize;
-    let digits = buf.get(8..8 + imei_len).ok_or(DecodeError::Truncated { what: "udp imei" })?;
+    let digits = buf
+        .get(8..8 + imei_len)
+        .ok_or(DecodeError::Truncated { what: "udp imei" })?;
     let imei = Imei::from_ascii(digits).ok_or(DecodeError::InvalidImei)?;
     let avl = AvlData::parse(&buf[8 + imei_len..])?;
-    Ok(UdpDatagram { packet_id, not_usable, avl_packet_id, imei, avl })
+    Ok(UdpDatagram {
+        packet_id,
+        not_usable,
+        avl_packet_id,
+        imei,
+        avl,
+    })
 }
 
 /// The server's answer to a datagram: `00 05 | packet id | 01 | AVL packet id | accepted`.

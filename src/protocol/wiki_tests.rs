@@ -26,7 +26,13 @@ fn rows() -> Vec<Row> {
     let mut lines = TSV.lines();
     let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
     let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
-    let (id, transport, kind, hx, expect) = (col("id"), col("transport"), col("kind"), col("hex"), col("expect"));
+    let (id, transport, kind, hx, expect) = (
+        col("id"),
+        col("transport"),
+        col("kind"),
+        col("hex"),
+        col("expect"),
+    );
     lines
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
@@ -133,14 +139,24 @@ fn facts(row: &Row) -> BTreeMap<String, String> {
         }
         ("tcp", "bad") => {
             let err = decode_frame(b, DEFAULT_MAX_FRAME_LEN).unwrap_err();
-            let DecodeError::Crc { sent, computed } = err else { panic!("{}: {err}", row.id) };
+            let DecodeError::Crc { sent, computed } = err else {
+                panic!("{}: {err}", row.id)
+            };
             f.insert("crc".into(), format!("{sent:04x}"));
             f.insert("crc_calc".into(), format!("{computed:04x}"));
             f.insert("crc_ok".into(), "0".into());
             // What it would be without the CRC check.
             let data = &b[8..b.len() - 4];
             let c = CommandFrame::parse(data).unwrap();
-            f.insert("would_be".into(), if c.kind == 0x05 { "cmd_request" } else { "cmd_response" }.into());
+            f.insert(
+                "would_be".into(),
+                if c.kind == 0x05 {
+                    "cmd_request"
+                } else {
+                    "cmd_response"
+                }
+                .into(),
+            );
             command_facts(&c, &mut f);
         }
         ("tcp", _) => {
@@ -152,19 +168,32 @@ fn facts(row: &Row) -> BTreeMap<String, String> {
                 let data_len = u32::from_be_bytes(b[4..8].try_into().unwrap());
                 f.insert("data_len".into(), data_len.to_string());
                 f.insert("crc".into(), hex::encode(&b[b.len() - 2..]));
-                let ok = crc16_ibm(&b[8..b.len() - 4]) == u16::from_be_bytes([b[b.len() - 2], b[b.len() - 1]]);
+                let ok = crc16_ibm(&b[8..b.len() - 4])
+                    == u16::from_be_bytes([b[b.len() - 2], b[b.len() - 1]]);
                 f.insert("crc_ok".into(), (ok as u8).to_string());
             }
             match frame {
                 Frame::Login(imei) => {
                     f.insert("imei".into(), imei.to_string());
-                    f.insert("imei_len".into(), u16::from_be_bytes([b[0], b[1]]).to_string());
-                    f.insert("reply_accept".into(), hex::encode([super::imei::LOGIN_ACCEPT]));
-                    f.insert("reply_reject".into(), hex::encode([super::imei::LOGIN_REJECT]));
+                    f.insert(
+                        "imei_len".into(),
+                        u16::from_be_bytes([b[0], b[1]]).to_string(),
+                    );
+                    f.insert(
+                        "reply_accept".into(),
+                        hex::encode([super::imei::LOGIN_ACCEPT]),
+                    );
+                    f.insert(
+                        "reply_reject".into(),
+                        hex::encode([super::imei::LOGIN_REJECT]),
+                    );
                 }
                 Frame::Avl(avl) => {
                     avl_facts(&avl, &mut f);
-                    f.insert("ack".into(), hex::encode(encode_record_ack(avl.count() as u32)));
+                    f.insert(
+                        "ack".into(),
+                        hex::encode(encode_record_ack(avl.count() as u32)),
+                    );
                 }
                 Frame::Command(c) => command_facts(&c, &mut f),
                 Frame::Ping => panic!("{}: not a ping", row.id),
@@ -182,9 +211,13 @@ fn every_wiki_example_decodes_to_its_facts() {
     for row in &rows {
         let got = facts(row);
         for (k, want) in &row.expect {
-            let have = got.get(k).unwrap_or_else(|| panic!("{}: no fact {k:?} computed", row.id));
+            let have = got
+                .get(k)
+                .unwrap_or_else(|| panic!("{}: no fact {k:?} computed", row.id));
             // Degrees print as "0" for the zero positions of the examples.
-            let same = have == want || (have.parse::<f64>().ok().zip(want.parse::<f64>().ok())).is_some_and(|(a, b)| a == b);
+            let same = have == want
+                || (have.parse::<f64>().ok().zip(want.parse::<f64>().ok()))
+                    .is_some_and(|(a, b)| a == b);
             assert!(same, "{}: {k} is {have:?}, expected {want:?}", row.id);
         }
     }
@@ -192,21 +225,41 @@ fn every_wiki_example_decodes_to_its_facts() {
 
 #[test]
 fn every_split_of_every_tcp_example_gives_the_same_items() {
-    for row in rows().iter().filter(|r| r.transport == "tcp" && !matches!(r.kind.as_str(), "server_ack")) {
+    for row in rows()
+        .iter()
+        .filter(|r| r.transport == "tcp" && !matches!(r.kind.as_str(), "server_ack"))
+    {
         let whole = super::tcp::tests_support::frame_all(&row.bytes);
         for split in 0..=row.bytes.len() {
             let got = super::tcp::tests_support::frame_split(&row.bytes, split);
             assert_eq!(got, whole, "{}: split at {split}", row.id);
         }
         // One byte at a time.
-        assert_eq!(super::tcp::tests_support::frame_bytewise(&row.bytes), whole, "{}: byte-wise", row.id);
+        assert_eq!(
+            super::tcp::tests_support::frame_bytewise(&row.bytes),
+            whole,
+            "{}: byte-wise",
+            row.id
+        );
     }
 }
 
 #[test]
 fn login_with_wrong_digits_is_refused() {
-    assert_eq!(decode_frame(b"\x00\x0f35630704244101x", 1024).unwrap_err(), DecodeError::InvalidImei);
-    assert_eq!(decode_frame(b"\x00\x0e35630704244101", 1024).unwrap_err(), DecodeError::InvalidImei);
-    assert_eq!(decode_frame(b"\x01\x00", 1024).unwrap_err(), DecodeError::LoginLength(256));
-    assert_eq!(Imei::from_ascii(b"356307042441013").unwrap().to_string(), "356307042441013");
+    assert_eq!(
+        decode_frame(b"\x00\x0f35630704244101x", 1024).unwrap_err(),
+        DecodeError::InvalidImei
+    );
+    assert_eq!(
+        decode_frame(b"\x00\x0e35630704244101", 1024).unwrap_err(),
+        DecodeError::InvalidImei
+    );
+    assert_eq!(
+        decode_frame(b"\x01\x00", 1024).unwrap_err(),
+        DecodeError::LoginLength(256)
+    );
+    assert_eq!(
+        Imei::from_ascii(b"356307042441013").unwrap().to_string(),
+        "356307042441013"
+    );
 }

@@ -50,10 +50,19 @@ pub fn shard_for(imei: Imei, nr_shards: usize) -> usize {
 /// Messages into a shard's inbox.
 pub enum ShardMsg {
     /// A logged-in TCP connection of a device this shard owns, accepted by another shard.
-    Adopt { fd: OwnedFd, imei: Imei, peer: SocketAddr, pending: Vec<u8> },
+    Adopt {
+        fd: OwnedFd,
+        imei: Imei,
+        peer: SocketAddr,
+        pending: Vec<u8>,
+    },
     /// Records of a device this shard owns were stored from a datagram another shard received
     /// (UDP has no login to route by, so the kernel's choice of socket stands for the data path).
-    Stored { imei: Imei, records: u32, at_ms: u64 },
+    Stored {
+        imei: Imei,
+        records: u32,
+        at_ms: u64,
+    },
     /// Stop accepting, finish what is in flight, close, exit.
     Shutdown,
 }
@@ -133,12 +142,18 @@ impl Shard {
 
     /// Counts stored records for `imei` on its owning shard: here, or by message.
     pub fn count_stored(&self, imei: Imei, records: u32) {
-        let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let owner = shard_for(imei, self.nr_shards);
         if owner == self.id {
             self.devices.borrow_mut().stored(imei, records, at_ms);
         } else {
-            let _ = self.inboxes[owner].unbounded_send(ShardMsg::Stored { imei, records, at_ms });
+            let _ = self.inboxes[owner].unbounded_send(ShardMsg::Stored {
+                imei,
+                records,
+                at_ms,
+            });
         }
     }
 
@@ -149,7 +164,10 @@ impl Shard {
 }
 
 /// Runs `fut` for at most `dur`; `None` when time ran out.
-pub async fn with_timeout<T>(dur: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
+pub async fn with_timeout<T>(
+    dur: Duration,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
     futures::pin_mut!(fut);
     match select(fut, Timer::new(dur)).await {
         Either::Left((v, _)) => Some(v),
@@ -178,9 +196,24 @@ pub fn shut_read(fd: RawFd) {
 ///
 /// `ready` is answered once, with the bind result, so `serve` fails loudly if a shard cannot
 /// start.
-pub async fn run(spec: ShardSpec, ready: std::sync::mpsc::Sender<Result<(), String>>, shutdown_timeout: Duration) {
-    let ShardSpec { shard_id, nr_shards, config, device_addr, inboxes, mut inbox, writer, policy, stats } = spec;
-    let bound = bind_device_sockets(device_addr).map_err(|e| format!("shard {shard_id}: cannot bind {device_addr}: {e}"));
+pub async fn run(
+    spec: ShardSpec,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    shutdown_timeout: Duration,
+) {
+    let ShardSpec {
+        shard_id,
+        nr_shards,
+        config,
+        device_addr,
+        inboxes,
+        mut inbox,
+        writer,
+        policy,
+        stats,
+    } = spec;
+    let bound = bind_device_sockets(device_addr)
+        .map_err(|e| format!("shard {shard_id}: cannot bind {device_addr}: {e}"));
     let (listener, udp) = match bound {
         Ok(x) => x,
         Err(e) => {
@@ -189,7 +222,9 @@ pub async fn run(spec: ShardSpec, ready: std::sync::mpsc::Sender<Result<(), Stri
         }
     };
     let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
-    let buffer_size = config.max_frame_len as usize + crate::protocol::tcp::HEADER_LEN + crate::protocol::tcp::TRAILER_LEN;
+    let buffer_size = config.max_frame_len as usize
+        + crate::protocol::tcp::HEADER_LEN
+        + crate::protocol::tcp::TRAILER_LEN;
     let shard = Rc::new(Shard {
         id: shard_id,
         nr_shards,
@@ -215,11 +250,23 @@ pub async fn run(spec: ShardSpec, ready: std::sync::mpsc::Sender<Result<(), Stri
     // The inbox: handed-over connections, and the order to stop.
     while let Some(msg) = inbox.next().await {
         match msg {
-            ShardMsg::Adopt { fd, imei, peer, pending } => {
+            ShardMsg::Adopt {
+                fd,
+                imei,
+                peer,
+                pending,
+            } => {
                 let s = shard.clone();
-                spawn_detached(&shard.gate, crate::conn::tcp::adopt(s, fd, imei, peer, pending));
+                spawn_detached(
+                    &shard.gate,
+                    crate::conn::tcp::adopt(s, fd, imei, peer, pending),
+                );
             }
-            ShardMsg::Stored { imei, records, at_ms } => shard.devices.borrow_mut().stored(imei, records, at_ms),
+            ShardMsg::Stored {
+                imei,
+                records,
+                at_ms,
+            } => shard.devices.borrow_mut().stored(imei, records, at_ms),
             ShardMsg::Shutdown => break,
         }
     }
@@ -231,8 +278,14 @@ pub async fn run(spec: ShardSpec, ready: std::sync::mpsc::Sender<Result<(), Stri
     for &fd in shard.conns.borrow().values() {
         shut_read(fd);
     }
-    if with_timeout(shutdown_timeout, shard.gate.close()).await.is_none() {
-        tracing::warn!(shard = shard_id, "Shutdown deadline passed with frames still in flight; closing.");
+    if with_timeout(shutdown_timeout, shard.gate.close())
+        .await
+        .is_none()
+    {
+        tracing::warn!(
+            shard = shard_id,
+            "Shutdown deadline passed with frames still in flight; closing."
+        );
     }
     tracing::info!(shard = shard_id, "Shard stopped.");
 }
@@ -287,12 +340,18 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
         ShardStats::inc(&shard.stats.connections_accepted);
         if shard.conns.borrow().len() >= shard.config.max_connections_per_shard {
             ShardStats::inc(&shard.stats.connections_refused);
-            tracing::warn!(shard = shard.id, "Connection refused: connection limit reached.");
+            tracing::warn!(
+                shard = shard.id,
+                "Connection refused: connection limit reached."
+            );
             drop(stream);
             continue;
         }
         let conn = crate::conn::tcp::ConnGuard::register(&shard, stream.as_raw_fd());
-        spawn_detached(&shard.gate, crate::conn::tcp::accepted(shard.clone(), stream, conn));
+        spawn_detached(
+            &shard.gate,
+            crate::conn::tcp::accepted(shard.clone(), stream, conn),
+        );
     }
 }
 

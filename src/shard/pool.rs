@@ -24,11 +24,18 @@ pub struct BufferPool {
 impl BufferPool {
     /// Buffers of `size` bytes (the largest frame must fit one); keeps at most `max_free` idle.
     pub fn new(size: usize, max_free: usize) -> Rc<BufferPool> {
-        Rc::new(BufferPool { free: RefCell::new(Vec::new()), size, max_free })
+        Rc::new(BufferPool {
+            free: RefCell::new(Vec::new()),
+            size,
+            max_free,
+        })
     }
 
     fn take(&self) -> Box<[u8]> {
-        self.free.borrow_mut().pop().unwrap_or_else(|| vec![0u8; self.size].into_boxed_slice())
+        self.free
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| vec![0u8; self.size].into_boxed_slice())
     }
 
     fn put(&self, b: Box<[u8]>) {
@@ -54,7 +61,12 @@ pub struct ReadBuf {
 
 impl ReadBuf {
     pub fn new(pool: Rc<BufferPool>) -> ReadBuf {
-        ReadBuf { pool, buf: None, start: 0, end: 0 }
+        ReadBuf {
+            pool,
+            buf: None,
+            start: 0,
+            end: 0,
+        }
     }
 
     /// A buffer that starts with `bytes` (a connection handed over from another shard).
@@ -74,7 +86,9 @@ impl ReadBuf {
 
     /// The unconsumed bytes.
     pub fn data(&self) -> &[u8] {
-        self.buf.as_deref().map_or(&[], |b| &b[self.start..self.end])
+        self.buf
+            .as_deref()
+            .map_or(&[], |b| &b[self.start..self.end])
     }
 
     /// Marks `n` bytes used; an emptied buffer goes back to the pool.
@@ -110,7 +124,10 @@ impl ReadBuf {
                 self.start = 0;
             }
             if self.end == buf.len() {
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, "read buffer full")));
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "read buffer full",
+                )));
             }
             match Pin::new(&mut *rd).poll_read(cx, &mut buf[self.end..]) {
                 Poll::Pending => {
@@ -150,13 +167,17 @@ mod tests {
         glommio::LocalExecutorBuilder::default()
             .spawn(|| async {
                 let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                let mut client = glommio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+                let mut client = glommio::net::TcpStream::connect(listener.local_addr().unwrap())
+                    .await
+                    .unwrap();
                 let mut server = listener.accept().await.unwrap();
                 let pool = BufferPool::new(1024, 8);
                 let mut rb = ReadBuf::new(pool.clone());
 
                 // Nothing to read: the pending read gives its buffer back.
-                let waited = crate::shard::with_timeout(Duration::from_millis(50), rb.fill(&mut server)).await;
+                let waited =
+                    crate::shard::with_timeout(Duration::from_millis(50), rb.fill(&mut server))
+                        .await;
                 assert!(waited.is_none());
                 assert!(!rb.holds_buffer());
                 assert_eq!(pool.idle(), 1);

@@ -8,7 +8,8 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::protocol::{AvlData, AvlRecord, Imei, IoValue};
 
 /// The COPY column list, in the order the rows are encoded.
-pub const COLUMNS: &str = "imei, ts, received_at, codec, priority, lat, lon, alt, angle, sats, speed, \
+pub const COLUMNS: &str =
+    "imei, ts, received_at, codec, priority, lat, lon, alt, angle, sats, speed, \
                            event_io, gen_type, io_ids, io_values, nx_ids, nx_values, rec_hash";
 const NCOLS: i16 = 18;
 
@@ -115,7 +116,15 @@ pub fn encode_rows(imei: Imei, avl: &AvlData<'_>, received_at_us: i64, out: &mut
             }
             n
         });
-        let nx = || r.io().filter_map(|e| if let IoValue::Nx(b) = e.value { Some((e.id, b)) } else { None });
+        let nx = || {
+            r.io().filter_map(|e| {
+                if let IoValue::Nx(b) = e.value {
+                    Some((e.id, b))
+                } else {
+                    None
+                }
+            })
+        };
         array(out, INT4_OID, |o| {
             let mut n = 0;
             for (id, _) in nx() {

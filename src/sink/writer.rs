@@ -172,8 +172,16 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 impl Writer {
-    fn new(cfg: WriterConfig, rx: Receiver<WriterMsg>, stats: Arc<WriterStats>, policy: Arc<DevicePolicy>) -> Writer {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    fn new(
+        cfg: WriterConfig,
+        rx: Receiver<WriterMsg>,
+        stats: Arc<WriterStats>,
+        policy: Arc<DevicePolicy>,
+    ) -> Writer {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
         let now = Instant::now();
         Writer {
             cfg,
@@ -233,7 +241,9 @@ impl Writer {
         for (b, ok) in batches.into_iter().zip(outcomes) {
             if ok {
                 self.stats.batches_committed.fetch_add(1, Ordering::Relaxed);
-                self.stats.records_committed.fetch_add(b.records as u64, Ordering::Relaxed);
+                self.stats
+                    .records_committed
+                    .fetch_add(b.records as u64, Ordering::Relaxed);
                 let _ = b.done.send(WriteOutcome::Committed);
             } else {
                 self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
@@ -255,9 +265,13 @@ impl Writer {
                 Ok(()) => {
                     self.backoff = BACKOFF_MIN;
                     self.stats.transactions.fetch_add(1, Ordering::Relaxed);
-                    self.stats.session_events.fetch_add(sessions.len() as u64, Ordering::Relaxed);
+                    self.stats
+                        .session_events
+                        .fetch_add(sessions.len() as u64, Ordering::Relaxed);
                     if dedup {
-                        self.stats.dedup_transactions.fetch_add(1, Ordering::Relaxed);
+                        self.stats
+                            .dedup_transactions
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                     return vec![true; batches.len()];
                 }
@@ -329,7 +343,10 @@ impl Writer {
             self.next_partitions = now + PARTITION_EVERY;
             let (ahead, retention) = (self.cfg.partitions_ahead_days, self.cfg.retention_days);
             if let Some(c) = self.client.as_ref() {
-                if let Err(e) = self.rt.block_on(crate::pg::maintain_partitions(c, ahead, retention)) {
+                if let Err(e) = self
+                    .rt
+                    .block_on(crate::pg::maintain_partitions(c, ahead, retention))
+                {
                     tracing::warn!(error = %e, "Partition maintenance failed; next try in an hour.");
                 }
             }
@@ -339,7 +356,9 @@ impl Writer {
             if let Some(c) = self.client.as_ref() {
                 match self.rt.block_on(load_allow_list(c)) {
                     Ok(set) => self.policy.set_allowed(set),
-                    Err(e) => tracing::warn!(error = %e, "Allow-list reload failed; keeping the last one."),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Allow-list reload failed; keeping the last one.")
+                    }
                 }
             }
         }
@@ -371,13 +390,20 @@ async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
 
 /// The enabled IMEIs of the `devices` table.
 pub async fn load_allow_list(c: &Client) -> Result<HashSet<u64>, tokio_postgres::Error> {
-    let rows = c.query("SELECT imei FROM devices WHERE enabled", &[]).await?;
+    let rows = c
+        .query("SELECT imei FROM devices WHERE enabled", &[])
+        .await?;
     Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
 }
 
 /// One transaction: the rows by COPY (into `telemetry`, or through the staging table when
 /// `dedup`), the session events, commit.
-async fn write(client: &Client, batches: &[WriterBatch], sessions: &[SessionEvent], dedup: bool) -> Result<(), tokio_postgres::Error> {
+async fn write(
+    client: &Client,
+    batches: &[WriterBatch],
+    sessions: &[SessionEvent],
+    dedup: bool,
+) -> Result<(), tokio_postgres::Error> {
     client.batch_execute("BEGIN").await?;
     let result = async {
         if !batches.is_empty() {
@@ -408,7 +434,10 @@ async fn write(client: &Client, batches: &[WriterBatch], sessions: &[SessionEven
     result
 }
 
-async fn insert_sessions(client: &Client, s: &[SessionEvent]) -> Result<u64, tokio_postgres::Error> {
+async fn insert_sessions(
+    client: &Client,
+    s: &[SessionEvent],
+) -> Result<u64, tokio_postgres::Error> {
     let imei: Vec<i64> = s.iter().map(|e| e.imei as i64).collect();
     let event: Vec<&str> = s.iter().map(|e| e.event).collect();
     let at: Vec<SystemTime> = s.iter().map(|e| e.at).collect();

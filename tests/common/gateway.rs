@@ -31,7 +31,15 @@ impl Gateway {
         let dir = TempDir::new();
         let log = dir.path().join("gateway.log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
-            .args(["serve", "--database-url", db_url, "--device-host", "127.0.0.1", "--shards", "2"])
+            .args([
+                "serve",
+                "--database-url",
+                db_url,
+                "--device-host",
+                "127.0.0.1",
+                "--shards",
+                "2",
+            ])
             .args(["--device-port", &port.to_string(), "--data-dir"])
             .arg(dir.path())
             .args(extra)
@@ -50,12 +58,20 @@ impl Gateway {
             }
         });
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => Ok(Gateway { child: Some(child), addr: addr.parse().unwrap(), log, _dir: dir }),
+            Ok(addr) => Ok(Gateway {
+                child: Some(child),
+                addr: addr.parse().unwrap(),
+                log,
+                _dir: dir,
+            }),
             Err(_) => {
                 let status = child.try_wait().ok().flatten();
                 let _ = child.kill();
                 let _ = child.wait();
-                Err(format!("exit {status:?}; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default()))
+                Err(format!(
+                    "exit {status:?}; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ))
             }
         }
     }
@@ -90,7 +106,8 @@ impl Gateway {
 
     /// Resident memory of the gateway process, KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -232,7 +249,14 @@ impl Device {
             match self.stream.read(&mut b) {
                 Ok(0) => return true,
                 Ok(_) => continue,
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return false,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return false
+                }
                 Err(_) => return true,
             }
         }
@@ -242,12 +266,22 @@ impl Device {
 /// A device that keeps going until every frame is acked: on any error it reconnects (to
 /// wherever `addr()` points now) and resends, from the first unacked frame, the way trackers
 /// do. Returns how many frames it had to resend. Panics after `limit`.
-pub fn deliver_all(addr: impl Fn() -> SocketAddr, imei: Imei, frames: &[(Vec<u8>, u32)], in_flight: usize, limit: Duration) -> usize {
+pub fn deliver_all(
+    addr: impl Fn() -> SocketAddr,
+    imei: Imei,
+    frames: &[(Vec<u8>, u32)],
+    in_flight: usize,
+    limit: Duration,
+) -> usize {
     let deadline = Instant::now() + limit;
     let mut acked = 0;
     let mut resent = 0;
     while acked < frames.len() {
-        assert!(Instant::now() < deadline, "{imei}: only {acked}/{} frames acked in {limit:?}", frames.len());
+        assert!(
+            Instant::now() < deadline,
+            "{imei}: only {acked}/{} frames acked in {limit:?}",
+            frames.len()
+        );
         let Ok((mut dev, 1)) = Device::login(addr(), imei) else {
             std::thread::sleep(Duration::from_millis(50));
             continue;
@@ -275,7 +309,8 @@ pub fn deliver_all(addr: impl Fn() -> SocketAddr, imei: Imei, frames: &[(Vec<u8>
 
 /// Sends a datagram until its ack comes back; returns the ack.
 pub fn udp_deliver(sock: &UdpSocket, addr: SocketAddr, dgram: &[u8], limit: Duration) -> Vec<u8> {
-    sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     let deadline = Instant::now() + limit;
     loop {
         assert!(Instant::now() < deadline, "datagram never acked");
