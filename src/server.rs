@@ -127,6 +127,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let device_addr = reserve_device_port(cfg.device_host, cfg.device_port)?;
 
     let nr_shards = cfg.shards;
+    let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel::<Exit>();
+    let writer_exit = exit_tx.clone();
     let writer = writer::spawn(
         WriterConfig {
             database_url: db.url.clone(),
@@ -138,6 +140,9 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             allow_list_reload: Duration::from_secs(cfg.allow_list_reload_s),
         },
         policy.clone(),
+        move || {
+            let _ = writer_exit.send(Exit::Writer);
+        },
     )?;
 
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..nr_shards)
@@ -145,7 +150,6 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         .unzip();
     let inboxes = Arc::new(senders);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut shards = Vec::new();
     let mut stats = Vec::new();
@@ -173,7 +177,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             .name(&format!("shard-{shard_id}"))
             .spawn(move || async move {
                 crate::shard::run(spec, ready, timeout).await;
-                let _ = exit.send(shard_id);
+                let _ = exit.send(Exit::Shard(shard_id));
             })
             .map_err(|e| anyhow!("starting shard {shard_id}: {e}"))?;
         shards.push(handle);
@@ -237,9 +241,15 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     stop_reason
 }
 
-/// Waits for SIGTERM or SIGINT (`Ok`), or for a shard that exits on its own (`Err`).
+/// A thread of the gateway that ended.
+enum Exit {
+    Shard(usize),
+    Writer,
+}
+
+/// Waits for SIGTERM or SIGINT (`Ok`), or for a shard or the writer that ends on its own (`Err`).
 async fn wait_for_stop(
-    exit_rx: &mut tokio::sync::mpsc::UnboundedReceiver<usize>,
+    exit_rx: &mut tokio::sync::mpsc::UnboundedReceiver<Exit>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -247,6 +257,9 @@ async fn wait_for_stop(
     tokio::select! {
         _ = term.recv() => { tracing::info!("SIGTERM: shutting down."); Ok(()) }
         _ = int.recv() => { tracing::info!("SIGINT: shutting down."); Ok(()) }
-        id = exit_rx.recv() => Err(anyhow!("shard {} stopped unexpectedly", id.unwrap_or(usize::MAX))),
+        exit = exit_rx.recv() => Err(match exit {
+            Some(Exit::Shard(id)) => anyhow!("shard {id} stopped unexpectedly"),
+            _ => anyhow!("the writer thread stopped unexpectedly"),
+        }),
     }
 }

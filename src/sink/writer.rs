@@ -117,17 +117,36 @@ impl WriterHandle {
     }
 }
 
-/// Starts the writer thread.
+/// Calls its function when dropped: at the end of the writer thread, also by a panic.
+struct OnExit<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for OnExit<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
+/// Starts the writer thread. `on_exit` runs when the thread ends, however it ends, so `serve`
+/// can stop loudly if the writer dies while shards still need it.
 ///
 /// # Errors
 /// The thread cannot be spawned.
-pub fn spawn(cfg: WriterConfig, policy: Arc<DevicePolicy>) -> std::io::Result<WriterHandle> {
+pub fn spawn(
+    cfg: WriterConfig,
+    policy: Arc<DevicePolicy>,
+    on_exit: impl FnOnce() + Send + 'static,
+) -> std::io::Result<WriterHandle> {
     let (tx, rx) = crossbeam_channel::bounded(cfg.channel_capacity);
     let stats = Arc::new(WriterStats::default());
     let st = stats.clone();
     let thread = std::thread::Builder::new()
         .name("fleetgate-writer".into())
-        .spawn(move || Writer::new(cfg, rx, st, policy).run())?;
+        .spawn(move || {
+            let _exit = OnExit(Some(on_exit));
+            Writer::new(cfg, rx, st, policy).run()
+        })?;
     Ok(WriterHandle { tx, thread, stats })
 }
 
