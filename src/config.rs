@@ -46,6 +46,8 @@ pub struct Config {
     pub device_policy: DevicePolicyKind,
     /// Seconds between reloads of the allow-list from the `devices` table.
     pub allow_list_reload_s: u64,
+    /// Writer: database connections committing in parallel (one thread each).
+    pub writer_connections: usize,
     /// Writer: most records in one COPY transaction.
     pub batch_max_records: usize,
     /// Writer: milliseconds the first record of a batch may wait for more.
@@ -87,6 +89,7 @@ impl Default for Config {
             max_frames_in_flight_per_shard: 8192,
             device_policy: DevicePolicyKind::Open,
             allow_list_reload_s: 10,
+            writer_connections: 2,
             batch_max_records: 20_000,
             batch_max_delay_ms: 5,
             partitions_ahead_days: 7,
@@ -151,6 +154,9 @@ impl Config {
         if self.max_frames_in_flight_per_connection == 0 || self.max_frames_in_flight_per_shard == 0
         {
             return bad("frames in flight limits must be positive");
+        }
+        if self.writer_connections == 0 || self.writer_connections > 64 {
+            return bad("writer_connections must be 1 to 64");
         }
         if self.batch_max_records == 0 {
             return bad("batch_max_records must be positive");

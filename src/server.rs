@@ -132,6 +132,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let writer = writer::spawn(
         WriterConfig {
             database_url: db.url.clone(),
+            connections: cfg.writer_connections,
             batch_max_records: cfg.batch_max_records,
             batch_max_delay: cfg.batch_max_delay(),
             channel_capacity: nr_shards * cfg.max_frames_in_flight_per_shard + 65_536,

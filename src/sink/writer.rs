@@ -1,6 +1,7 @@
-//! The writer thread: owns the PostgreSQL connection (tokio current-thread runtime +
+//! The writer threads: each owns one PostgreSQL connection (tokio current-thread runtime +
 //! tokio-postgres), group-commits the rows of every shard with binary COPY, and answers each
-//! batch only after its transaction has committed.
+//! batch only after its transaction has committed. They share one channel from the shards
+//! (`writer_connections` of them, 2 by default, so one can COPY while another commits).
 //!
 //! The loop is plain and blocking: gather messages from the crossbeam channel until the batch is
 //! full or its first message has waited `batch_max_delay`, then `block_on` one transaction.
@@ -74,6 +75,8 @@ pub enum WriterMsg {
 #[derive(Clone, Debug)]
 pub struct WriterConfig {
     pub database_url: String,
+    /// Database connections (writer threads) committing in parallel.
+    pub connections: usize,
     pub batch_max_records: usize,
     pub batch_max_delay: Duration,
     /// Capacity of the channel from the shards (messages).
@@ -99,7 +102,7 @@ pub struct WriterStats {
 /// The shards' side of the writer: a sender, the thread, and its counters.
 pub struct WriterHandle {
     tx: Sender<WriterMsg>,
-    thread: JoinHandle<()>,
+    threads: Vec<JoinHandle<()>>,
     pub stats: Arc<WriterStats>,
 }
 
@@ -113,7 +116,9 @@ impl WriterHandle {
     /// everything it was sent (it exits once every sender is gone).
     pub fn join(self) {
         drop(self.tx);
-        let _ = self.thread.join();
+        for t in self.threads {
+            let _ = t.join();
+        }
     }
 }
 
@@ -128,26 +133,42 @@ impl<F: FnOnce()> Drop for OnExit<F> {
     }
 }
 
-/// Starts the writer thread. `on_exit` runs when the thread ends, however it ends, so `serve`
-/// can stop loudly if the writer dies while shards still need it.
+/// Starts the writer: `cfg.connections` threads, each with its own database connection, all
+/// taking batches from one channel, so that one transaction can be in COPY while another
+/// commits (a single backend was the ingest ceiling, tuning/ingest.md). Acks stay in frame
+/// order: each connection's acker answers its frames in the order they arrived. `on_exit`
+/// runs when a writer thread ends, however it ends, so `serve` can stop loudly if one dies
+/// while shards still need it.
 ///
 /// # Errors
-/// The thread cannot be spawned.
+/// A thread cannot be spawned.
 pub fn spawn(
     cfg: WriterConfig,
     policy: Arc<DevicePolicy>,
-    on_exit: impl FnOnce() + Send + 'static,
+    on_exit: impl Fn() + Send + Sync + 'static,
 ) -> std::io::Result<WriterHandle> {
     let (tx, rx) = crossbeam_channel::bounded(cfg.channel_capacity);
     let stats = Arc::new(WriterStats::default());
-    let st = stats.clone();
-    let thread = std::thread::Builder::new()
-        .name("fleetgate-writer".into())
-        .spawn(move || {
-            let _exit = OnExit(Some(on_exit));
-            Writer::new(cfg, rx, st, policy).run()
-        })?;
-    Ok(WriterHandle { tx, thread, stats })
+    let on_exit = Arc::new(on_exit);
+    let mut threads = Vec::new();
+    for n in 0..cfg.connections.max(1) {
+        let (cfg, rx, st, policy, on_exit) = (
+            cfg.clone(),
+            rx.clone(),
+            stats.clone(),
+            policy.clone(),
+            on_exit.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name(format!("fleetgate-writer-{n}"))
+            .spawn(move || {
+                let _exit = OnExit(Some(move || on_exit()));
+                // Housekeeping (partitions, allow-list) is the first connection's job.
+                Writer::new(cfg, rx, st, policy, n == 0).run()
+            })?;
+        threads.push(thread);
+    }
+    Ok(WriterHandle { tx, threads, stats })
 }
 
 /// Whether an error is worth retrying the same transaction for (after reconnecting).
@@ -184,6 +205,7 @@ struct Writer {
     backoff: Duration,
     next_partitions: Instant,
     next_allow_list: Instant,
+    housekeeper: bool,
 }
 
 const PARTITION_EVERY: Duration = Duration::from_secs(3600);
@@ -196,6 +218,7 @@ impl Writer {
         rx: Receiver<WriterMsg>,
         stats: Arc<WriterStats>,
         policy: Arc<DevicePolicy>,
+        housekeeper: bool,
     ) -> Writer {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -212,6 +235,7 @@ impl Writer {
             backoff: BACKOFF_MIN,
             next_partitions: now + PARTITION_EVERY,
             next_allow_list: now,
+            housekeeper,
         }
     }
 
@@ -357,6 +381,9 @@ impl Writer {
 
     /// Partition upkeep (hourly) and allow-list reloads, between batches.
     fn housekeeping(&mut self) {
+        if !self.housekeeper {
+            return;
+        }
         let now = Instant::now();
         if now >= self.next_partitions {
             self.next_partitions = now + PARTITION_EVERY;
