@@ -6,61 +6,9 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
-const TSV: &str = include_str!("fixtures/wiki-examples.tsv");
-
-struct Row {
-    id: String,
-    transport: String,
-    kind: String,
-    codec: String,
-    hex: String,
-    facts: Vec<(String, String)>,
-}
-
-impl Row {
-    fn fact(&self, k: &str) -> Option<&str> {
-        self.facts
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-fn rows() -> Vec<Row> {
-    let mut lines = TSV.lines();
-    let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
-    let col = |n: &str| header.iter().position(|h| *h == n).unwrap();
-    let (id, tr, kind, codec, hx, ex) = (
-        col("id"),
-        col("transport"),
-        col("kind"),
-        col("codec"),
-        col("hex"),
-        col("expect"),
-    );
-    lines
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let f: Vec<&str> = l.split('\t').collect();
-            Row {
-                id: f[id].to_string(),
-                transport: f[tr].to_string(),
-                kind: f[kind].to_string(),
-                codec: f[codec].to_string(),
-                hex: f[hx].to_string(),
-                facts: f[ex]
-                    .split(';')
-                    .filter_map(|kv| kv.split_once('='))
-                    .map(|(k, v)| (k.to_string(), v.replace("%0A", "\n")))
-                    .collect(),
-            }
-        })
-        .collect()
-}
-
-fn row(id: &str) -> Row {
-    rows().into_iter().find(|r| r.id == id).unwrap()
-}
+#[path = "fixtures/wiki.rs"]
+mod wiki;
+use wiki::{row, rows, Row};
 
 /// Runs `fleetgate decode ARGS` with `stdin` (if any) and returns the exit code and the parsed
 /// stdout lines.

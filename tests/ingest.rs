@@ -43,6 +43,41 @@ fn rows(pg: &TestPg, sql: &str) -> Vec<tokio_postgres::Row> {
     })
 }
 
+/// `devices` trackers from IMEI `imei_base` on, each delivering `frames_each` frames of ten
+/// Codec 8E records with up to four in flight, reconnecting and resending until all are acked.
+/// Each thread returns how many frames it resent.
+fn spawn_fleet(
+    addr: std::net::SocketAddr,
+    imei_base: u64,
+    devices: u64,
+    frames_each: u64,
+) -> Vec<std::thread::JoinHandle<usize>> {
+    (0..devices)
+        .map(|d| {
+            std::thread::spawn(move || {
+                let frames: Vec<_> = (0..frames_each)
+                    .map(|f| {
+                        let recs = records(
+                            Codec::C8E,
+                            10,
+                            1_700_000_000_000 + f * 60_000,
+                            (d * 100 + f) as u32,
+                        );
+                        (frame(Codec::C8E, &recs), 10)
+                    })
+                    .collect();
+                deliver_all(
+                    || addr,
+                    imei(imei_base + d),
+                    &frames,
+                    4,
+                    Duration::from_secs(240),
+                )
+            })
+        })
+        .collect()
+}
+
 #[test]
 fn devices_of_every_codec_over_tcp_and_udp_store_exactly_what_was_acked() {
     let pg = TestPg::start();
@@ -452,35 +487,7 @@ fn sigkill_during_load_loses_nothing_acked_and_duplicates_nothing() {
     let gw = std::sync::Arc::new(std::sync::Mutex::new(gw));
     let devices = 16u64;
     let frames_each = 30u64;
-    let handles: Vec<_> = (0..devices)
-        .map(|d| {
-            std::thread::spawn(move || {
-                let frames: Vec<_> = (0..frames_each)
-                    .map(|f| {
-                        (
-                            frame(
-                                Codec::C8E,
-                                &records(
-                                    Codec::C8E,
-                                    10,
-                                    1_700_000_000_000 + f * 60_000,
-                                    (d * 100 + f) as u32,
-                                ),
-                            ),
-                            10,
-                        )
-                    })
-                    .collect();
-                deliver_all(
-                    || addr,
-                    imei(356_600_000_000_000 + d),
-                    &frames,
-                    4,
-                    Duration::from_secs(240),
-                )
-            })
-        })
-        .collect();
+    let handles = spawn_fleet(addr, 356_600_000_000_000, devices, frames_each);
     for _ in 0..2 {
         let before = scalar(&pg, "SELECT count(*) FROM telemetry");
         assert!(wait_until(LONG, || scalar(
@@ -513,35 +520,7 @@ fn database_outage_stops_acks_bounds_memory_and_recovers() {
     let addr = gw.addr;
     let devices = 12u64;
     let frames_each = 40u64;
-    let handles: Vec<_> = (0..devices)
-        .map(|d| {
-            std::thread::spawn(move || {
-                let frames: Vec<_> = (0..frames_each)
-                    .map(|f| {
-                        (
-                            frame(
-                                Codec::C8E,
-                                &records(
-                                    Codec::C8E,
-                                    10,
-                                    1_700_000_000_000 + f * 60_000,
-                                    (d * 100 + f) as u32,
-                                ),
-                            ),
-                            10,
-                        )
-                    })
-                    .collect();
-                deliver_all(
-                    || addr,
-                    imei(356_700_000_000_000 + d),
-                    &frames,
-                    4,
-                    Duration::from_secs(240),
-                )
-            })
-        })
-        .collect();
+    let handles = spawn_fleet(addr, 356_700_000_000_000, devices, frames_each);
     assert!(wait_until(LONG, || scalar(
         &pg,
         "SELECT count(*) FROM telemetry"

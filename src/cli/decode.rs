@@ -319,55 +319,18 @@ fn utc_text(ts_ms: u64) -> Option<String> {
 }
 
 #[cfg(test)]
+#[path = "../../tests/fixtures/wiki.rs"]
+mod wiki;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::protocol::DEFAULT_MAX_FRAME_LEN;
 
-    const TSV: &str = include_str!("../../tests/fixtures/wiki-examples.tsv");
-
-    struct Row {
-        id: String,
-        transport: String,
-        kind: String,
-        codec: String,
-        hex: String,
-        facts: Vec<(String, String)>,
-    }
-
-    fn rows() -> Vec<Row> {
-        let mut lines = TSV.lines();
-        let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
-        let col = |n: &str| header.iter().position(|h| *h == n).unwrap();
-        let (id, tr, kind, codec, hx, ex) = (
-            col("id"),
-            col("transport"),
-            col("kind"),
-            col("codec"),
-            col("hex"),
-            col("expect"),
-        );
-        lines
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| {
-                let f: Vec<&str> = l.split('\t').collect();
-                Row {
-                    id: f[id].to_string(),
-                    transport: f[tr].to_string(),
-                    kind: f[kind].to_string(),
-                    codec: f[codec].to_string(),
-                    hex: f[hx].to_string(),
-                    facts: f[ex]
-                        .split(';')
-                        .filter_map(|kv| kv.split_once('='))
-                        .map(|(k, v)| (k.to_string(), v.replace("%0A", "\n")))
-                        .collect(),
-                }
-            })
-            .collect()
-    }
+    use super::wiki::{self, rows};
 
     fn hex_of(id: &str) -> String {
-        rows().into_iter().find(|r| r.id == id).unwrap().hex
+        wiki::row(id).hex
     }
 
     fn fact<'f>(facts: &'f [(String, String)], k: &str) -> Option<&'f str> {

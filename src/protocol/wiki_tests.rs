@@ -12,47 +12,9 @@ use super::tcp::{decode_frame, encode_record_ack, Frame};
 use super::udp::{decode_datagram, encode_ack};
 use super::{AvlData, DecodeError, Imei, IoValue, Status, DEFAULT_MAX_FRAME_LEN};
 
-const TSV: &str = include_str!("../../tests/fixtures/wiki-examples.tsv");
-
-struct Row {
-    id: String,
-    transport: String,
-    kind: String,
-    bytes: Vec<u8>,
-    expect: Vec<(String, String)>,
-}
-
-fn rows() -> Vec<Row> {
-    let mut lines = TSV.lines();
-    let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
-    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
-    let (id, transport, kind, hx, expect) = (
-        col("id"),
-        col("transport"),
-        col("kind"),
-        col("hex"),
-        col("expect"),
-    );
-    lines
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let f: Vec<&str> = l.split('\t').collect();
-            Row {
-                id: f[id].to_string(),
-                transport: f[transport].to_string(),
-                kind: f[kind].to_string(),
-                bytes: hex::decode(f[hx]).unwrap(),
-                expect: f[expect]
-                    .split(';')
-                    .map(|kv| {
-                        let (k, v) = kv.split_once('=').unwrap();
-                        (k.to_string(), v.replace("%0A", "\n"))
-                    })
-                    .collect(),
-            }
-        })
-        .collect()
-}
+#[path = "../../tests/fixtures/wiki.rs"]
+mod wiki;
+use wiki::{rows, Row};
 
 fn io_list(r: &super::AvlRecord<'_>) -> String {
     r.io()
@@ -210,7 +172,7 @@ fn every_wiki_example_decodes_to_its_facts() {
     assert!(rows.len() >= 19, "the fixture lost rows: {}", rows.len());
     for row in &rows {
         let got = facts(row);
-        for (k, want) in &row.expect {
+        for (k, want) in &row.facts {
             let have = got
                 .get(k)
                 .unwrap_or_else(|| panic!("{}: no fact {k:?} computed", row.id));
