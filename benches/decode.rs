@@ -144,13 +144,13 @@ fn walk(avl: &AvlData<'_>) -> (u64, u64) {
             .wrapping_add(r.speed() as u64)
             .wrapping_add((r.sats() ^ r.priority()) as u64)
             .wrapping_add(r.event_io() as u64);
-        for e in r.io() {
+        r.for_each_io(|e| {
             acc = acc.rotate_left(5) ^ e.id as u64;
             acc = acc.wrapping_add(match e.value {
                 IoValue::Nx(b) => b.len() as u64 + b[0] as u64,
                 v => v.as_u64().unwrap_or(0),
             });
-        }
+        });
     }
     (acc, n)
 }
@@ -204,6 +204,22 @@ fn bench_decode(c: &mut Criterion) {
     let avl = AvlData::parse(data).expect("parses");
     g.bench_function("codec8e_12rec/walk_only", |b| {
         b.iter(|| walk(black_box(&avl)))
+    });
+    // The same walk through the external IO iterator (`io()`) instead of `for_each_io`.
+    g.bench_function("codec8e_12rec/walk_only_io_iterator", |b| {
+        b.iter(|| {
+            let mut acc = 0u64;
+            for r in black_box(&avl).records() {
+                for e in r.io() {
+                    acc = acc.rotate_left(5) ^ e.id as u64;
+                    acc = acc.wrapping_add(match e.value {
+                        IoValue::Nx(b) => b.len() as u64 + b[0] as u64,
+                        v => v.as_u64().unwrap_or(0),
+                    });
+                }
+            }
+            acc
+        })
     });
     let mut dgram = Vec::new();
     let imei = Imei::from_ascii(b"352093086403655").expect("imei");

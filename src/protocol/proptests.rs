@@ -86,6 +86,11 @@ proptest! {
         prop_assert_eq!(avl.codec(), codec);
         let back: Vec<Record> = avl.records().map(|r| r.to_owned_record()).collect();
         prop_assert_eq!(back, records);
+        for r in avl.records() {
+            let mut internal = Vec::new();
+            r.for_each_io(|e| internal.push(e));
+            prop_assert_eq!(internal, r.io().collect::<Vec<_>>());
+        }
     }
 
     /// Any frame, cut anywhere, frames the same as whole.
@@ -142,6 +147,7 @@ proptest! {
         if let Ok(avl) = AvlData::parse(&wire) {
             for r in avl.records() {
                 let _ = r.to_owned_record();
+                r.for_each_io(|_| {});
             }
         }
         walk(&wire);

@@ -102,27 +102,29 @@ pub fn encode_rows(imei: Imei, avl: &AvlData<'_>, received_at_us: i64, out: &mut
         }
         array(out, INT4_OID, |o| {
             let mut n = 0;
-            for e in r.io().filter(|e| !matches!(e.value, IoValue::Nx(_))) {
-                field(o, &(e.id as i32).to_be_bytes());
-                n += 1;
-            }
+            r.for_each_io(|e| {
+                if !matches!(e.value, IoValue::Nx(_)) {
+                    field(o, &(e.id as i32).to_be_bytes());
+                    n += 1;
+                }
+            });
             n
         });
         array(out, INT8_OID, |o| {
             let mut n = 0;
-            for v in r.io().filter_map(|e| e.value.as_u64()) {
-                field(o, &(v as i64).to_be_bytes());
-                n += 1;
-            }
+            r.for_each_io(|e| {
+                if let Some(v) = e.value.as_u64() {
+                    field(o, &(v as i64).to_be_bytes());
+                    n += 1;
+                }
+            });
             n
         });
+        // Variable-length values exist only in Codec 8E (and are few): the plain iterator.
         let nx = || {
-            r.io().filter_map(|e| {
-                if let IoValue::Nx(b) = e.value {
-                    Some((e.id, b))
-                } else {
-                    None
-                }
+            r.io().filter_map(|e| match e.value {
+                IoValue::Nx(b) => Some((e.id, b)),
+                _ => None,
             })
         };
         array(out, INT4_OID, |o| {
