@@ -153,10 +153,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut shards = Vec::new();
-    let mut stats = Vec::new();
     for (shard_id, inbox) in receivers.into_iter().enumerate() {
         let st = Arc::new(ShardStats::default());
-        stats.push(st.clone());
         let spec = ShardSpec {
             shard_id,
             nr_shards,

@@ -13,18 +13,17 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use futures::channel::oneshot;
 use futures::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::TcpStream;
-use glommio::sync::StaticPermit;
 
 use crate::protocol::imei::{LOGIN_ACCEPT, LOGIN_REJECT};
 use crate::protocol::{decode_frame, encode_record_ack, DecodeError, Frame, Imei, Status};
 use crate::shard::pool::ReadBuf;
-use crate::shard::{shard_for, shut_read, with_timeout, Shard, ShardMsg, ShardStats};
-use crate::sink::copy::encode_rows;
-use crate::sink::{SessionEvent, WriteOutcome, WriterBatch, WriterMsg};
+use crate::shard::{
+    shard_for, shut_read, with_timeout, Shard, ShardMsg, ShardStats, SubmitError, Submitted,
+};
+use crate::sink::{SessionEvent, WriteOutcome, WriterMsg};
 
 /// How long one reply write may take before the connection is given up.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,12 +57,6 @@ impl Drop for ConnGuard {
             .connections_open
             .fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// A connection just accepted on this shard.
@@ -167,13 +160,6 @@ async fn read_login(
     }
 }
 
-/// A frame waiting for its commit, in the order frames arrived.
-struct PendingAck {
-    done: oneshot::Receiver<WriteOutcome>,
-    records: u32,
-    _permit: StaticPermit,
-}
-
 fn session_event(
     shard: &Shard,
     imei: Imei,
@@ -250,7 +236,7 @@ async fn read_loop(
     rd: &mut ReadHalf<TcpStream>,
     rb: &mut ReadBuf,
     imei: Imei,
-    acks: &LocalSender<PendingAck>,
+    acks: &LocalSender<Submitted>,
 ) -> String {
     let idle = shard.config.idle_timeout();
     loop {
@@ -260,31 +246,14 @@ async fn read_loop(
                     Frame::Ping => {}
                     Frame::Avl(avl) => {
                         ShardStats::inc(&shard.stats.frames_received);
-                        let records = avl.count() as u32;
-                        let mut rows = Vec::with_capacity(avl.records_bytes().len() * 2 + 64);
-                        encode_rows(imei, &avl, now_us(), &mut rows);
-                        let Ok(permit) = shard.in_flight.acquire_static_permit(1).await else {
-                            return "shard stopping".into();
+                        let submitted = match shard.submit(imei, &avl).await {
+                            Ok(s) => s,
+                            Err(SubmitError::Stopping) => return "shard stopping".into(),
+                            Err(SubmitError::WriterUnavailable) => {
+                                return "writer unavailable".into()
+                            }
                         };
-                        let (tx, rx) = oneshot::channel();
-                        let batch = WriterBatch {
-                            rows: rows.into(),
-                            records,
-                            done: tx,
-                        };
-                        if shard.writer.try_send(WriterMsg::Rows(batch)).is_err() {
-                            tracing::error!(shard = shard.id, %imei, "Writer queue full or gone; closing the connection.");
-                            return "writer unavailable".into();
-                        }
-                        if acks
-                            .send(PendingAck {
-                                done: rx,
-                                records,
-                                _permit: permit,
-                            })
-                            .await
-                            .is_err()
-                        {
+                        if acks.send(submitted).await.is_err() {
                             return "acker stopped".into();
                         }
                     }
@@ -323,7 +292,7 @@ async fn read_loop(
 async fn acker(
     shard: Rc<Shard>,
     mut wr: WriteHalf<TcpStream>,
-    pending: LocalReceiver<PendingAck>,
+    pending: LocalReceiver<Submitted>,
     fd: RawFd,
     imei: Imei,
 ) -> Option<&'static str> {

@@ -4,16 +4,13 @@
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
 
-use futures::channel::oneshot;
 use futures::future::{select, Either};
 use glommio::net::UdpSocket;
 
 use crate::protocol::udp::{decode_datagram, encode_ack};
-use crate::shard::{spawn_detached, Shard, ShardStats};
-use crate::sink::copy::encode_rows;
-use crate::sink::{WriteOutcome, WriterBatch, WriterMsg};
+use crate::shard::{spawn_detached, Shard, ShardStats, SubmitError};
+use crate::sink::WriteOutcome;
 
 /// Largest UDP payload.
 const MAX_DATAGRAM: usize = 65_536;
@@ -52,36 +49,16 @@ pub async fn serve(shard: Rc<Shard>, sock: Rc<UdpSocket>) {
             tracing::info!(shard = shard.id, imei = %d.imei, "Datagram refused by the device policy.");
             continue;
         }
-        let records = d.avl.count() as u32;
-        let mut rows = Vec::with_capacity(d.avl.records_bytes().len() * 2 + 64);
-        let now_us = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |t| t.as_micros() as i64);
-        encode_rows(d.imei, &d.avl, now_us, &mut rows);
         let ack = encode_ack(d.packet_id, d.avl_packet_id, d.avl.count());
-        let Ok(permit) = shard.in_flight.acquire_static_permit(1).await else {
-            return;
+        let submitted = match shard.submit(d.imei, &d.avl).await {
+            Ok(s) => s,
+            Err(SubmitError::Stopping) => return,
+            Err(SubmitError::WriterUnavailable) => continue,
         };
-        let (tx, rx) = oneshot::channel();
-        if shard
-            .writer
-            .try_send(WriterMsg::Rows(WriterBatch {
-                rows: rows.into(),
-                records,
-                done: tx,
-            }))
-            .is_err()
-        {
-            tracing::error!(
-                shard = shard.id,
-                "Writer queue full or gone; datagram dropped unacked."
-            );
-            continue;
-        }
         let (s, sock, imei) = (shard.clone(), sock.clone(), d.imei);
         spawn_detached(&shard.gate, async move {
-            let _permit = permit;
-            if rx.await == Ok(WriteOutcome::Committed) {
+            let records = submitted.records;
+            if submitted.done.await == Ok(WriteOutcome::Committed) {
                 s.count_stored(imei, records);
                 if sock.send_to(&ack, peer).await.is_ok() {
                     s.stats

@@ -31,8 +31,12 @@ use glommio::timer::Timer;
 
 use crate::config::Config;
 use crate::policy::DevicePolicy;
+use crate::protocol::AvlData;
 use crate::protocol::Imei;
-use crate::sink::WriterMsg;
+use crate::sink::copy::encode_rows;
+use crate::sink::{WriteOutcome, WriterBatch, WriterMsg};
+use futures::channel::oneshot;
+use glommio::sync::StaticPermit;
 
 use devices::DeviceTable;
 use pool::BufferPool;
@@ -140,11 +144,42 @@ impl Shard {
         (id << 10) | self.id as u64
     }
 
+    /// Encodes a frame's (or datagram's) rows and hands them to the writer, holding one of the
+    /// shard's in-flight permits until the answer is dropped: the one path from decoded
+    /// records to the writer, for TCP and UDP alike. Waits while the shard is at its
+    /// in-flight limit (back-pressure).
+    ///
+    /// # Errors
+    /// The shard is stopping, or the writer's queue is full or gone.
+    pub async fn submit(&self, imei: Imei, avl: &AvlData<'_>) -> Result<Submitted, SubmitError> {
+        let records = avl.count() as u32;
+        let mut rows = Vec::with_capacity(avl.records_bytes().len() * 2 + 64);
+        encode_rows(imei, avl, unix_now_us(), &mut rows);
+        let permit = self
+            .in_flight
+            .acquire_static_permit(1)
+            .await
+            .map_err(|_| SubmitError::Stopping)?;
+        let (tx, done) = oneshot::channel();
+        let batch = WriterBatch {
+            rows: rows.into(),
+            records,
+            done: tx,
+        };
+        if self.writer.try_send(WriterMsg::Rows(batch)).is_err() {
+            tracing::error!(shard = self.id, %imei, "Writer queue full or gone; records not accepted.");
+            return Err(SubmitError::WriterUnavailable);
+        }
+        Ok(Submitted {
+            done,
+            records,
+            _permit: permit,
+        })
+    }
+
     /// Counts stored records for `imei` on its owning shard: here, or by message.
     pub fn count_stored(&self, imei: Imei, records: u32) {
-        let at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let at_ms = (unix_now_us() / 1000) as u64;
         let owner = shard_for(imei, self.nr_shards);
         if owner == self.id {
             self.devices.borrow_mut().stored(imei, records, at_ms);
@@ -161,6 +196,28 @@ impl Shard {
     pub fn is_stopping(&self) -> bool {
         self.stopping.peek().is_some()
     }
+}
+
+/// Rows handed to the writer: the answer to await before acking, and the shard in-flight
+/// permit it holds meanwhile.
+pub struct Submitted {
+    pub done: oneshot::Receiver<WriteOutcome>,
+    pub records: u32,
+    _permit: StaticPermit,
+}
+
+/// Why rows could not be handed to the writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitError {
+    Stopping,
+    WriterUnavailable,
+}
+
+/// The gateway's clock: microseconds since the Unix epoch.
+pub fn unix_now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// Runs `fut` for at most `dur`; `None` when time ran out.
