@@ -52,9 +52,4 @@ impl DeviceTable {
     pub fn get(&self, imei: Imei) -> Option<&Device> {
         self.devices.get(&imei)
     }
-
-    /// Devices with a live connection.
-    pub fn connected(&self) -> usize {
-        self.devices.values().filter(|d| d.conn.is_some()).count()
-    }
 }
