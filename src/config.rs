@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 /// The checked-in default configuration (`fleetgate print-config` prints it).
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../fleetgate.toml");
 
+/// The largest `max_frame_len` accepted: a read buffer may grow to it.
+pub const MAX_FRAME_LEN_LIMIT: u32 = 1 << 20;
+
 /// Everything `fleetgate serve` can be told.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -33,14 +36,19 @@ pub struct Config {
     pub max_frame_len: u32,
     /// Seconds a new connection may take to send its login.
     pub login_timeout_s: u64,
-    /// Seconds without any byte before a connection is closed.
+    /// Seconds without any byte (and nothing in flight) before a connection is closed.
     pub idle_timeout_s: u64,
+    /// Seconds one write of acks may take before the device is taken for one that does not
+    /// read, and closed.
+    pub write_timeout_s: u64,
     /// Most open device connections per shard; more are refused at accept.
     pub max_connections_per_shard: usize,
     /// AVL frames a connection may have waiting for their commit before it stops reading.
     pub max_frames_in_flight_per_connection: usize,
-    /// AVL frames a shard may have waiting for their commit before it stops reading them.
-    pub max_frames_in_flight_per_shard: usize,
+    /// THE MEMORY BOUND: bytes of encoded rows a shard may hold awaiting their commit (also
+    /// during a database outage). A frame that does not fit waits, and its connection stops
+    /// reading; the room comes back as the writer answers.
+    pub max_bytes_in_flight_per_shard: usize,
     /// Device policy: `open` accepts every valid IMEI; `allow_list` accepts only enabled
     /// devices of the `devices` table.
     pub device_policy: DevicePolicyKind,
@@ -84,9 +92,10 @@ impl Default for Config {
             max_frame_len: crate::protocol::DEFAULT_MAX_FRAME_LEN,
             login_timeout_s: 30,
             idle_timeout_s: 600,
+            write_timeout_s: 30,
             max_connections_per_shard: 50_000,
             max_frames_in_flight_per_connection: 16,
-            max_frames_in_flight_per_shard: 8192,
+            max_bytes_in_flight_per_shard: 64 << 20,
             device_policy: DevicePolicyKind::Open,
             allow_list_reload_s: 10,
             writer_connections: 2,
@@ -145,15 +154,20 @@ impl Config {
         if self.shards > 1024 {
             return bad("shards must be at most 1024");
         }
-        if self.max_frame_len < 64 {
-            return bad("max_frame_len must be at least 64 bytes");
+        if !(64..=MAX_FRAME_LEN_LIMIT).contains(&self.max_frame_len) {
+            return bad("max_frame_len must be 64 to 1048576 bytes");
         }
-        if self.login_timeout_s == 0 || self.idle_timeout_s == 0 {
-            return bad("login_timeout_s and idle_timeout_s must be positive");
+        if self.login_timeout_s == 0 || self.idle_timeout_s == 0 || self.write_timeout_s == 0 {
+            return bad("login_timeout_s, idle_timeout_s and write_timeout_s must be positive");
         }
-        if self.max_frames_in_flight_per_connection == 0 || self.max_frames_in_flight_per_shard == 0
-        {
-            return bad("frames in flight limits must be positive");
+        if self.max_connections_per_shard == 0 {
+            return bad("max_connections_per_shard must be positive");
+        }
+        if !(1..=1024).contains(&self.max_frames_in_flight_per_connection) {
+            return bad("max_frames_in_flight_per_connection must be 1 to 1024");
+        }
+        if self.max_bytes_in_flight_per_shard < 1 << 20 {
+            return bad("max_bytes_in_flight_per_shard must be at least 1048576 (1 MiB)");
         }
         if self.writer_connections == 0 || self.writer_connections > 64 {
             return bad("writer_connections must be 1 to 64");
@@ -172,6 +186,9 @@ impl Config {
     }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_s)
+    }
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.write_timeout_s)
     }
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_s)
@@ -194,10 +211,26 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_are_refused() {
         assert!(toml::from_str::<Config>("no_such_key = 1").is_err());
-        let c = Config {
-            max_frame_len: 10,
-            ..Config::default()
-        };
-        assert!(c.validate().is_err());
+        for c in [
+            Config {
+                max_frame_len: 10,
+                ..Config::default()
+            },
+            Config {
+                max_frame_len: MAX_FRAME_LEN_LIMIT + 1,
+                ..Config::default()
+            },
+            Config {
+                max_bytes_in_flight_per_shard: 1000,
+                ..Config::default()
+            },
+            Config {
+                write_timeout_s: 0,
+                ..Config::default()
+            },
+        ] {
+            assert!(c.validate().is_err());
+        }
+        assert!(Config::default().validate().is_ok());
     }
 }

@@ -4,9 +4,14 @@
 //!
 //! - [`protocol`]: PURE. The Teltonika codec: framing, AVL codecs 8/8E/16, commands
 //!   (codecs 12-15), UDP datagrams, CRC. No IO, no async, no clock.
-//! - [`shard`]: one glommio executor per core, with its own SO_REUSEPORT TCP listener and UDP
-//!   socket; owns the devices whose IMEI hashes to it (sessions, counters).
-//! - [`conn`]: per-connection tasks that run on a shard: TCP sessions and the UDP loop.
+//! - [`session`]: PURE. A device's TCP session as a sans-IO state machine: handed bytes,
+//!   commit outcomes and the time, it says what to submit, what to write and when to close.
+//! - [`shard`]: state and messages of a shard (one glommio executor per core): its devices,
+//!   connections, read buffers and byte budget. A leaf: runs on a shard.
+//! - [`conn`]: the IO drivers that run on a shard: TCP sessions around [`session`], the UDP
+//!   loop.
+//! - [`executor`]: the body of a shard thread: binds its SO_REUSEPORT sockets, accepts, serves
+//!   its inbox, stops in order.
 //! - [`sink`]: the writer core. `sink::copy` is PURE (records -> binary COPY rows, called on
 //!   the shards); `sink::writer` owns the database connection on its own thread and answers
 //!   each batch after its commit.
@@ -17,13 +22,17 @@
 //! - [`policy`]: which devices may log in (read by shards, reloaded by the writer).
 //! - [`config`]: serde configuration, defaults and validation.
 //! - [`cli`]: operator tools on the main thread (`fleetgate decode`).
+//! - [`supervise`]: noticing threads that end (any thread).
 
 pub mod cli;
 pub mod config;
 pub mod conn;
+pub mod executor;
 pub mod pg;
 pub mod policy;
 pub mod protocol;
 pub mod server;
+pub mod session;
 pub mod shard;
 pub mod sink;
+pub mod supervise;

@@ -81,6 +81,15 @@ struct ServeArgs {
     /// Seconds the shutdown may take before it is forced.
     #[arg(long)]
     shutdown_timeout_s: Option<u64>,
+    /// Seconds one write of acks may take before the connection is closed.
+    #[arg(long)]
+    write_timeout_s: Option<u64>,
+    /// Frames between decode and their ack written before a connection stops reading.
+    #[arg(long)]
+    max_frames_in_flight_per_connection: Option<usize>,
+    /// The memory bound: bytes of rows a shard holds awaiting commit.
+    #[arg(long)]
+    max_bytes_in_flight_per_shard: Option<usize>,
 }
 
 /// Flags override the file: the one place where the two meet.
@@ -110,7 +119,10 @@ fn merge(db: &DbArgs, serve: Option<&ServeArgs>) -> anyhow::Result<Config> {
             max_connections_per_shard,
             device_policy,
             retention_days,
-            shutdown_timeout_s
+            shutdown_timeout_s,
+            write_timeout_s,
+            max_frames_in_flight_per_connection,
+            max_bytes_in_flight_per_shard
         );
     }
     Ok(c.validate()?)

@@ -13,10 +13,13 @@ use futures::channel::mpsc;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::{Config, DevicePolicyKind};
+use crate::executor::ShardSpec;
 use crate::pg::{ManagedPostgres, PgOptions};
 use crate::policy::DevicePolicy;
-use crate::shard::{ShardMsg, ShardSpec, ShardStats};
+use crate::shard::budget::ByteBudget;
+use crate::shard::{ShardMsg, ShardStats};
 use crate::sink::writer::{self, WriterConfig};
+use crate::supervise::OnExit;
 
 /// How long a shard may take to bind and report ready.
 const SHARD_START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -135,7 +138,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             connections: cfg.writer_connections,
             batch_max_records: cfg.batch_max_records,
             batch_max_delay: cfg.batch_max_delay(),
-            channel_capacity: nr_shards * cfg.max_frames_in_flight_per_shard + 65_536,
+            channel_capacity: 200_000,
             partitions_ahead_days: cfg.partitions_ahead_days,
             retention_days: cfg.retention_days,
             allow_list_reload: Duration::from_secs(cfg.allow_list_reload_s),
@@ -154,7 +157,6 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut shards = Vec::new();
     for (shard_id, inbox) in receivers.into_iter().enumerate() {
-        let st = Arc::new(ShardStats::default());
         let spec = ShardSpec {
             shard_id,
             nr_shards,
@@ -164,7 +166,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             inbox,
             writer: writer.sender(),
             policy: policy.clone(),
-            stats: st,
+            stats: Arc::new(ShardStats::default()),
+            budget: ByteBudget::new(cfg.max_bytes_in_flight_per_shard),
         };
         let (ready, exit, timeout) = (ready_tx.clone(), exit_tx.clone(), cfg.shutdown_timeout());
         let placement = if cfg.pin_cpus {
@@ -175,8 +178,11 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{shard_id}"))
             .spawn(move || async move {
-                crate::shard::run(spec, ready, timeout).await;
-                let _ = exit.send(Exit::Shard(shard_id));
+                // Sent however the thread ends, a panic included: a dead shard is never silent.
+                let _exit = OnExit(Some(move || {
+                    let _ = exit.send(Exit::Shard(shard_id, std::thread::panicking()));
+                }));
+                crate::executor::run(spec, ready, timeout).await;
             })
             .map_err(|e| anyhow!("starting shard {shard_id}: {e}"))?;
         shards.push(handle);
@@ -184,6 +190,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     drop((ready_tx, exit_tx));
 
     let mut start_error = None;
+    let mut shards_exited = 0;
     for _ in 0..nr_shards {
         match ready_rx.recv_timeout(SHARD_START_TIMEOUT) {
             Ok(Ok(())) => {}
@@ -208,18 +215,37 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                 cfg.api_addr
             );
             tracing::info!(%device_addr, shards = nr_shards, "fleetgate ready.");
-            rt.block_on(wait_for_stop(&mut exit_rx))
+            rt.block_on(wait_for_stop(&mut exit_rx, &mut shards_exited))
         }
     };
 
-    // Stop in reverse order of start: shards, then the writer, then the database.
+    // Stop in reverse order of start: shards, then the writer, then the database. Each shard
+    // ends within its shutdown timeout (it aborts what is left then); a shard that does not is
+    // left behind, logged, rather than waited for.
     let deadline = Instant::now() + cfg.shutdown_timeout() + Duration::from_secs(2);
     for tx in inboxes.iter() {
         let _ = tx.unbounded_send(ShardMsg::Shutdown);
     }
-    for h in shards {
-        if h.join().is_err() {
-            tracing::error!("A shard thread panicked.");
+    let mut running = nr_shards - shards_exited;
+    let stuck = rt.block_on(async {
+        while running > 0 {
+            match tokio::time::timeout_at(deadline.into(), exit_rx.recv()).await {
+                Ok(Some(Exit::Shard(..))) => running -= 1,
+                Ok(Some(Exit::Writer)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        running
+    });
+    if stuck > 0 {
+        tracing::error!(
+            shards = stuck,
+            "Shards did not stop by the shutdown deadline; leaving them."
+        );
+    } else {
+        // Every shard's body has ended (a panic was reported as it happened): this is quick.
+        for h in shards {
+            let _ = h.join();
         }
     }
     let (done_tx, done_rx) = std::sync::mpsc::channel();
@@ -242,13 +268,15 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
 
 /// A thread of the gateway that ended.
 enum Exit {
-    Shard(usize),
+    /// A shard thread, and whether it panicked.
+    Shard(usize, bool),
     Writer,
 }
 
 /// Waits for SIGTERM or SIGINT (`Ok`), or for a shard or the writer that ends on its own (`Err`).
 async fn wait_for_stop(
     exit_rx: &mut tokio::sync::mpsc::UnboundedReceiver<Exit>,
+    shards_exited: &mut usize,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -257,7 +285,14 @@ async fn wait_for_stop(
         _ = term.recv() => { tracing::info!("SIGTERM: shutting down."); Ok(()) }
         _ = int.recv() => { tracing::info!("SIGINT: shutting down."); Ok(()) }
         exit = exit_rx.recv() => Err(match exit {
-            Some(Exit::Shard(id)) => anyhow!("shard {id} stopped unexpectedly"),
+            Some(Exit::Shard(id, panicked)) => {
+                *shards_exited += 1;
+                if panicked {
+                    anyhow!("shard {id} panicked; stopping rather than dropping its devices silently")
+                } else {
+                    anyhow!("shard {id} stopped unexpectedly")
+                }
+            }
             _ => anyhow!("the writer thread stopped unexpectedly"),
         }),
     }

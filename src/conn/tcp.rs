@@ -1,92 +1,90 @@
-//! A device's TCP connection. Runs on a shard.
+//! A device's TCP connection: the thin glommio driver around [`Session`]. Runs on a shard.
 //!
-//! Two phases. On the accepting shard: read the login (under the login timeout), check the
-//! IMEI and the device policy, and hand the socket to the owning shard if that is another one.
-//! On the owning shard: the session. Its reader decodes frames in place, encodes their rows for
-//! the writer and queues one pending ack per frame; its acker answers each frame, in order,
-//! once the writer says the rows are committed. The queue between them is bounded, so a slow
-//! database stops the reader, and with it the device.
+//! One task per connection waits, in one poll, for everything that can happen to it: bytes
+//! to read (only while the session wants input), commit answers from the writer, the end of
+//! a write, the session's next deadline, and a cancellation from the shard
+//! ([`ConnCtl::cancel`]: replacement, a disabled device, shutdown). So a session is
+//! cancellable whatever it awaits, and ending it drops its buffer, descriptor and connection
+//! slot at once. The one other wait is for the shard's byte budget before a frame's rows are
+//! encoded, and it is cancellable too.
+//!
+//! Two phases. On the accepting shard the session reads the login; the driver checks the
+//! device policy and either refuses it, serves it here, or hands the socket (a duplicate
+//! descriptor, plus any bytes read after the login) to the owning shard. On the owning shard
+//! the session runs until it ends, and its end is recorded with its [`CloseReason`].
 
+use std::future::poll_fn;
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::task::{Context, Poll};
+use std::time::Instant;
 
-use futures::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use futures::channel::oneshot;
+use futures::io::AsyncWrite;
+use futures::stream::{FuturesUnordered, StreamExt};
 use glommio::net::TcpStream;
+use glommio::timer::Timer;
 
-use crate::protocol::imei::{LOGIN_ACCEPT, LOGIN_REJECT};
-use crate::protocol::{decode_frame, encode_record_ack, DecodeError, Frame, Imei, Status};
+use crate::protocol::Imei;
+use crate::session::{CloseReason, Input, Session};
+use crate::shard::budget::Permit;
 use crate::shard::pool::ReadBuf;
-use crate::shard::{
-    shard_for, shut_read, with_timeout, Shard, ShardMsg, ShardStats, SubmitError, Submitted,
-};
-use crate::sink::{SessionEvent, WriteOutcome, WriterMsg};
-
-/// How long one reply write may take before the connection is given up.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Keeps a connection in its shard's table (and its count) while it lives. Registered by the
-/// accept loop itself, so the connection cap holds even when many arrive at once.
-pub struct ConnGuard {
-    shard: Rc<Shard>,
-    id: u64,
-    fd: RawFd,
-}
-
-impl ConnGuard {
-    pub fn register(shard: &Rc<Shard>, fd: RawFd) -> ConnGuard {
-        let id = shard.next_conn_id();
-        shard.conns.borrow_mut().insert(id, fd);
-        shard.stats.connections_open.fetch_add(1, Ordering::Relaxed);
-        ConnGuard {
-            shard: shard.clone(),
-            id,
-            fd,
-        }
-    }
-}
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        self.shard.conns.borrow_mut().remove(&self.id);
-        self.shard
-            .stats
-            .connections_open
-            .fetch_sub(1, Ordering::Relaxed);
-    }
-}
+use crate::shard::{shard_for, unix_now_us, Cancel, ConnGuard, Shard, ShardMsg, ShardStats};
+use crate::sink::copy::{encode_rows, rows_len};
+use crate::sink::{WriteOutcome, WriterBatch};
 
 /// A connection just accepted on this shard.
-pub async fn accepted(shard: Rc<Shard>, mut stream: TcpStream, conn: ConnGuard) {
+pub async fn accepted(shard: Rc<Shard>, stream: TcpStream, conn: ConnGuard) {
     let peer = stream.peer_addr().ok();
-    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let session = Session::new(shard.session_config(), Instant::now());
+    let mut d = Driver::new(shard.clone(), conn, stream, session);
     let mut rb = ReadBuf::new(shard.pool.clone());
-    let imei = match read_login(&shard, &mut stream, &mut rb).await {
-        Ok(imei) => imei,
-        Err(reason) => {
-            tracing::info!(shard = shard.id, peer = ?peer, reason, "Connection closed before login.");
+    let imei = match d.run(&mut rb).await {
+        Ended::Login(imei) => imei,
+        Ended::Finished(reason) => {
+            count_close(&shard, reason);
+            tracing::info!(shard = shard.id, peer = ?peer, %reason, "Connection closed before login.");
             return;
         }
     };
     if !shard.policy.admits(imei) {
         ShardStats::inc(&shard.stats.logins_rejected);
         tracing::info!(shard = shard.id, %imei, "Login refused by the device policy.");
-        let _ = stream.write_all(&[LOGIN_REJECT]).await;
+        d.session.refuse_login();
+        d.run(&mut rb).await;
         return;
     }
     let owner = shard_for(imei, shard.nr_shards);
     if owner == shard.id {
-        return session(shard, stream, conn, imei, peer, rb).await;
+        return logged_in(d, rb, imei, peer).await;
     }
-    // Hand the socket over: a duplicate descriptor travels, this one closes with `stream`.
+    hand_over(&shard, &d.stream, imei, peer, rb.data(), owner);
+}
+
+/// Sends a logged-in socket to its owning shard: a duplicate descriptor travels, this one
+/// closes when the caller drops its stream. A failure is counted and logged; the device
+/// reconnects.
+fn hand_over(
+    shard: &Shard,
+    stream: &TcpStream,
+    imei: Imei,
+    peer: Option<SocketAddr>,
+    pending: &[u8],
+    owner: usize,
+) {
+    let failed = |why: String| {
+        ShardStats::inc(&shard.stats.handoffs_failed);
+        tracing::warn!(shard = shard.id, owner, %imei, why, "Hand-over failed; closing the connection.");
+    };
     // SAFETY: dup(2) of a descriptor we own; the result is checked before it is owned.
     let dup = unsafe { libc::dup(stream.as_raw_fd()) };
     if dup < 0 {
-        tracing::warn!(shard = shard.id, %imei, "Hand-over failed: dup: {}", std::io::Error::last_os_error());
-        return;
+        return failed(format!("dup: {}", io::Error::last_os_error()));
     }
     // SAFETY: `dup` is a fresh descriptor nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(dup) };
@@ -94,233 +92,303 @@ pub async fn accepted(shard: Rc<Shard>, mut stream: TcpStream, conn: ConnGuard) 
         fd,
         imei,
         peer: peer.unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
-        pending: rb.data().to_vec(),
+        pending: pending.to_vec(),
     };
-    if shard.inboxes[owner].unbounded_send(msg).is_ok() {
-        ShardStats::inc(&shard.stats.handoffs);
+    match shard.inboxes[owner].unbounded_send(msg) {
+        Ok(()) => ShardStats::inc(&shard.stats.handoffs),
+        Err(_) => failed("the owning shard's inbox is closed".into()),
     }
-    drop(conn);
 }
 
-/// A logged-in connection handed over by the shard that accepted it.
-pub async fn adopt(shard: Rc<Shard>, fd: OwnedFd, imei: Imei, peer: SocketAddr, pending: Vec<u8>) {
-    // SAFETY: `fd` is an owned, open TCP socket descriptor.
-    let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
-    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-    let conn = ConnGuard::register(&shard, stream.as_raw_fd());
-    let rb = ReadBuf::with_bytes(shard.pool.clone(), &pending);
+/// A logged-in connection handed over by the shard that accepted it. Refused (and counted)
+/// when this shard is at its connection cap or stopping: the device reconnects.
+pub fn adopt(shard: &Rc<Shard>, fd: OwnedFd, imei: Imei, peer: SocketAddr, pending: Vec<u8>) {
     if shard.is_stopping() {
-        return; // the device reconnects to the next gateway
-    }
-    session(shard, stream, conn, imei, Some(peer), rb).await;
-}
-
-/// Reads up to the login. Pings before it are skipped; a bad IMEI is answered `00`.
-async fn read_login(
-    shard: &Shard,
-    stream: &mut TcpStream,
-    rb: &mut ReadBuf,
-) -> Result<Imei, &'static str> {
-    let deadline = Instant::now() + shard.config.login_timeout();
-    loop {
-        match decode_frame(rb.data(), shard.config.max_frame_len) {
-            Ok(Status::Complete((Frame::Ping, used))) => rb.consume(used),
-            Ok(Status::Complete((Frame::Login(imei), used))) => {
-                rb.consume(used);
-                return Ok(imei);
-            }
-            Ok(Status::Complete(_)) => {
-                ShardStats::inc(&shard.stats.decode_errors);
-                return Err("data before login");
-            }
-            Ok(Status::Partial(_)) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match with_timeout(left, rb.fill(stream)).await {
-                    None => {
-                        ShardStats::inc(&shard.stats.login_timeouts);
-                        return Err("login timeout");
-                    }
-                    Some(Ok(0)) => return Err("closed by peer"),
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) => return Err("read error"),
-                }
-            }
-            Err(e @ (DecodeError::InvalidImei | DecodeError::LoginLength(_))) => {
-                ShardStats::inc(&shard.stats.logins_rejected);
-                tracing::info!(shard = shard.id, error = %e, "Login refused.");
-                let _ = stream.write_all(&[LOGIN_REJECT]).await;
-                return Err("bad login");
-            }
-            Err(e) => {
-                ShardStats::inc(&shard.stats.decode_errors);
-                tracing::info!(shard = shard.id, error = %e, "Garbage instead of a login.");
-                return Err("garbage before login");
-            }
-        }
-    }
-}
-
-fn session_event(
-    shard: &Shard,
-    imei: Imei,
-    event: &'static str,
-    peer: Option<SocketAddr>,
-    reason: Option<String>,
-) {
-    let ev = SessionEvent {
-        imei: imei.as_u64(),
-        event,
-        at: SystemTime::now(),
-        shard: shard.id as u32,
-        transport: "tcp",
-        peer: peer.map(|p| p.to_string()),
-        reason,
-    };
-    if shard.writer.try_send(WriterMsg::Session(ev)).is_err() {
-        tracing::warn!(shard = shard.id, %imei, event, "Session event dropped: writer queue full.");
-    }
-}
-
-/// The session of a logged-in device on its owning shard.
-async fn session(
-    shard: Rc<Shard>,
-    mut stream: TcpStream,
-    conn: ConnGuard,
-    imei: Imei,
-    peer: Option<SocketAddr>,
-    mut rb: ReadBuf,
-) {
-    let replaced = shard.devices.borrow_mut().attach(imei, (conn.id, conn.fd));
-    if let Some((_, old_fd)) = replaced {
-        ShardStats::inc(&shard.stats.replaced);
-        tracing::info!(shard = shard.id, %imei, "New connection replaces the previous one.");
-        shut_read(old_fd);
-    }
-    if stream.write_all(&[LOGIN_ACCEPT]).await.is_err() {
-        shard.devices.borrow_mut().detach(imei, conn.id);
         return;
     }
+    let Some(conn) = ConnGuard::register(shard, fd.as_raw_fd()) else {
+        return; // counted and logged by `register`; `fd` closes here
+    };
+    // SAFETY: `fd` is an owned, open TCP socket descriptor.
+    let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+    let rb = ReadBuf::with_bytes(shard.pool.clone(), &pending);
+    let session = Session::handed_over(shard.session_config(), imei, Instant::now());
+    let d = Driver::new(shard.clone(), conn, stream, session);
+    crate::shard::spawn_detached(&shard.gate, logged_in(d, rb, imei, Some(peer)));
+}
+
+/// The session of a logged-in device on its owning shard, from its `01` to its end.
+async fn logged_in(mut d: Driver, mut rb: ReadBuf, imei: Imei, peer: Option<SocketAddr>) {
+    let shard = d.shard.clone();
+    let conn_id = d.conn.ctl.id;
+    if let Some(old) = shard.devices.borrow_mut().attach(imei, d.conn.ctl.clone()) {
+        ShardStats::inc(&shard.stats.replaced);
+        tracing::info!(shard = shard.id, %imei, "New connection replaces the previous one.");
+        old.cancel(Cancel::Abort(CloseReason::Replaced));
+    }
+    d.session.accept_login(Instant::now());
     ShardStats::inc(&shard.stats.logins_accepted);
     tracing::debug!(shard = shard.id, %imei, peer = ?peer, "Device logged in.");
-    session_event(&shard, imei, "connect", peer, None);
-
-    let (mut rd, wr) = stream.split();
-    let (ack_tx, ack_rx) =
-        local_channel::new_bounded(shard.config.max_frames_in_flight_per_connection);
-    let acker = glommio::spawn_local(acker(shard.clone(), wr, ack_rx, conn.fd, imei));
-    let mut reason = read_loop(&shard, &mut rd, &mut rb, imei, &ack_tx).await;
-    drop(ack_tx);
-    if let Some(r) = acker.await {
-        reason = r.to_string();
-    }
-    let still_ours = shard
-        .devices
-        .borrow()
-        .get(imei)
-        .and_then(|d| d.conn)
-        .is_some_and(|(id, _)| id == conn.id);
-    if !still_ours {
-        reason = "replaced by a new connection".into();
-    } else if shard.is_stopping() {
-        reason = "gateway shutdown".into();
-    }
-    shard.devices.borrow_mut().detach(imei, conn.id);
-    tracing::debug!(shard = shard.id, %imei, reason, "Device disconnected.");
-    session_event(&shard, imei, "disconnect", peer, Some(reason));
-    drop(conn);
+    shard.session_event(imei, "connect", peer, None);
+    let reason = match d.run(&mut rb).await {
+        Ended::Finished(r) => r,
+        Ended::Login(_) => unreachable!("a session logs in once"),
+    };
+    count_close(&shard, reason);
+    shard.devices.borrow_mut().detach(imei, conn_id);
+    tracing::debug!(shard = shard.id, %imei, %reason, "Device disconnected.");
+    shard.session_event(imei, "disconnect", peer, Some(reason.to_string()));
 }
 
-/// Decodes and forwards frames until the connection ends; returns why it ended.
-async fn read_loop(
-    shard: &Shard,
-    rd: &mut ReadHalf<TcpStream>,
-    rb: &mut ReadBuf,
-    imei: Imei,
-    acks: &LocalSender<Submitted>,
-) -> String {
-    let idle = shard.config.idle_timeout();
-    loop {
-        match decode_frame(rb.data(), shard.config.max_frame_len) {
-            Ok(Status::Complete((frame, used))) => {
-                match frame {
-                    Frame::Ping => {}
-                    Frame::Avl(avl) => {
-                        ShardStats::inc(&shard.stats.frames_received);
-                        let submitted = match shard.submit(imei, &avl).await {
-                            Ok(s) => s,
-                            Err(SubmitError::Stopping) => return "shard stopping".into(),
-                            Err(SubmitError::WriterUnavailable) => {
-                                return "writer unavailable".into()
-                            }
-                        };
-                        if acks.send(submitted).await.is_err() {
-                            return "acker stopped".into();
-                        }
-                    }
-                    Frame::Command(c) => {
-                        ShardStats::inc(&shard.stats.commands_received);
-                        tracing::info!(shard = shard.id, %imei, codec = ?c.codec, kind = c.kind, text = c.text().unwrap_or(""), "Command frame from device.");
-                    }
-                    Frame::Login(_) => {
-                        ShardStats::inc(&shard.stats.decode_errors);
-                        return "second login on a session".into();
-                    }
-                }
-                rb.consume(used);
-            }
-            Ok(Status::Partial(_)) => match with_timeout(idle, rb.fill(rd)).await {
-                None => {
-                    ShardStats::inc(&shard.stats.idle_timeouts);
-                    return "idle timeout".into();
-                }
-                Some(Ok(0)) => return "closed by peer".into(),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return format!("read error: {e}"),
-            },
-            Err(e) => {
-                ShardStats::inc(&shard.stats.decode_errors);
-                tracing::warn!(shard = shard.id, %imei, error = %e, "Bad frame; closing the connection.");
-                return format!("bad frame: {e}");
-            }
+fn count_close(shard: &Shard, reason: CloseReason) {
+    let s = &shard.stats;
+    match reason {
+        CloseReason::LoginTimeout => ShardStats::inc(&s.login_timeouts),
+        CloseReason::IdleTimeout => ShardStats::inc(&s.idle_timeouts),
+        CloseReason::WriteTimeout => ShardStats::inc(&s.write_timeouts),
+        CloseReason::BadLogin(_) => ShardStats::inc(&s.logins_rejected),
+        CloseReason::BadFrame(_) | CloseReason::DataBeforeLogin | CloseReason::SecondLogin => {
+            ShardStats::inc(&s.decode_errors)
         }
+        CloseReason::RecordsRefused => ShardStats::inc(&s.frames_failed),
+        _ => {}
+    }
+    if let CloseReason::BadFrame(e) | CloseReason::BadLogin(e) = reason {
+        tracing::info!(shard = shard.id, error = %e, "Bad input; closing the connection.");
     }
 }
 
-/// Answers frames in order as their commits come back. After a failure nothing more is acked
-/// (acks are positional: a later ack would be taken for the failed frame), and the reader is
-/// stopped; the device resends. Returns why it broke the connection, if it did.
-async fn acker(
+/// Why [`Driver::run`] returned.
+enum Ended {
+    /// The session decoded a login: the caller decides.
+    Login(Imei),
+    Finished(CloseReason),
+}
+
+/// One thing that happened to a connection.
+enum Event {
+    Cancel(Cancel),
+    Commit(u64, WriteOutcome),
+    Written(io::Result<()>),
+    Read(io::Result<usize>),
+    Timer,
+}
+
+/// A frame's commit answer, tagged with the frame's sequence number.
+struct Commit {
+    seq: u64,
+    rx: oneshot::Receiver<WriteOutcome>,
+}
+
+impl Future for Commit {
+    type Output = (u64, WriteOutcome);
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(u64, WriteOutcome)> {
+        let seq = self.seq;
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| (seq, r.unwrap_or(WriteOutcome::Failed)))
+    }
+}
+
+/// The IO around one [`Session`].
+struct Driver {
     shard: Rc<Shard>,
-    mut wr: WriteHalf<TcpStream>,
-    pending: LocalReceiver<Submitted>,
-    fd: RawFd,
-    imei: Imei,
-) -> Option<&'static str> {
-    let mut broken = None;
-    while let Some(p) = pending.recv().await {
-        let outcome = p.done.await.unwrap_or(WriteOutcome::Failed);
-        if broken.is_some() {
-            continue;
+    conn: ConnGuard,
+    stream: TcpStream,
+    session: Session,
+    commits: FuturesUnordered<Commit>,
+    /// What is being written, and how much of it is out.
+    out: Vec<u8>,
+    out_pos: usize,
+    /// The armed timer and the instant it fires (re-armed when the session wants earlier).
+    timer: Option<(Instant, Timer)>,
+}
+
+impl Driver {
+    fn new(shard: Rc<Shard>, conn: ConnGuard, stream: TcpStream, session: Session) -> Driver {
+        Driver {
+            shard,
+            conn,
+            stream,
+            session,
+            commits: FuturesUnordered::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            timer: None,
         }
-        match outcome {
-            WriteOutcome::Committed => {
-                if wr.write_all(&encode_record_ack(p.records)).await.is_err() {
-                    broken = Some("ack write failed");
-                    shut_read(fd);
-                } else {
-                    shard
+    }
+
+    /// Drives the session until it decodes a login or ends.
+    async fn run(&mut self, rb: &mut ReadBuf) -> Ended {
+        loop {
+            if let Some(imei) = self.take_input(rb).await {
+                return Ended::Login(imei);
+            }
+            if self.out_pos == self.out.len() {
+                self.out.clear();
+                self.out_pos = 0;
+                self.session.poll_transmit(Instant::now(), &mut self.out);
+            }
+            if let Some(reason) = self.session.finished() {
+                return Ended::Finished(reason);
+            }
+            self.arm_timer();
+            let ev = poll_fn(|cx| self.poll_event(cx, Some(&mut *rb))).await;
+            self.apply(ev);
+        }
+    }
+
+    /// Handles every complete item in the buffer the session will take now.
+    async fn take_input(&mut self, rb: &mut ReadBuf) -> Option<Imei> {
+        loop {
+            match self.session.poll_input(rb.data()) {
+                Input::NeedBytes | Input::Paused => return None,
+                Input::Ping { used } => rb.consume(used),
+                Input::Login { imei, used } => {
+                    rb.consume(used);
+                    return Some(imei);
+                }
+                Input::Command { frame, used } => {
+                    ShardStats::inc(&self.shard.stats.commands_received);
+                    tracing::info!(shard = self.shard.id, imei = ?self.session.imei(), codec = ?frame.codec, kind = frame.kind, text = frame.text().unwrap_or(""), "Command frame from device.");
+                    rb.consume(used);
+                }
+                Input::Avl { seq, avl, used } => {
+                    ShardStats::inc(&self.shard.stats.frames_received);
+                    let need = rows_len(&avl);
+                    let permit = match self.shard.budget.try_acquire(need) {
+                        Some(p) => p,
+                        None => match self.wait_for_budget(need).await {
+                            Some(p) => p,
+                            None => {
+                                // Cancelled while waiting: the frame was never submitted.
+                                self.session.withdraw(seq);
+                                return None;
+                            }
+                        },
+                    };
+                    let imei = self.session.imei().expect("AVL only after login");
+                    let mut rows = Vec::with_capacity(need);
+                    encode_rows(imei, &avl, unix_now_us(), &mut rows);
+                    let (done, rx) = oneshot::channel();
+                    let batch = WriterBatch {
+                        rows: rows.into(),
+                        records: avl.count() as u32,
+                        done,
+                        permit,
+                    };
+                    rb.consume(used);
+                    if self.shard.writer.send_rows(batch).is_err() {
+                        tracing::error!(shard = self.shard.id, %imei, "Writer gone; records not accepted.");
+                        self.session.abort(CloseReason::WriterGone);
+                        return None;
+                    }
+                    self.commits.push(Commit { seq, rx });
+                }
+            }
+        }
+    }
+
+    /// Waits for `need` bytes of the shard's budget while still answering commits, finishing
+    /// writes and obeying cancellation; `None` when the session ended meanwhile.
+    async fn wait_for_budget(&mut self, need: usize) -> Option<Permit> {
+        let mut acquire = self.shard.budget.acquire(need);
+        loop {
+            let got = poll_fn(|cx| {
+                if let Poll::Ready(p) = Pin::new(&mut acquire).poll(cx) {
+                    return Poll::Ready(Ok(p));
+                }
+                self.poll_event(cx, None).map(Err)
+            })
+            .await;
+            match got {
+                Ok(p) => return Some(p),
+                Err(ev) => self.apply(ev),
+            }
+            if self.session.closing().is_some() {
+                return None;
+            }
+        }
+    }
+
+    /// The next event; reads only when given the read buffer and the session wants input.
+    fn poll_event(&mut self, cx: &mut Context<'_>, rb: Option<&mut ReadBuf>) -> Poll<Event> {
+        if let Poll::Ready(c) = self.conn.ctl.poll_cancel(cx) {
+            return Poll::Ready(Event::Cancel(c));
+        }
+        if let Poll::Ready(Some((seq, o))) = self.commits.poll_next_unpin(cx) {
+            return Poll::Ready(Event::Commit(seq, o));
+        }
+        while self.out_pos < self.out.len() {
+            match Pin::new(&mut self.stream).poll_write(cx, &self.out[self.out_pos..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Event::Written(Err(io::ErrorKind::WriteZero.into())))
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.out_pos += n;
+                    if self.out_pos == self.out.len() {
+                        return Poll::Ready(Event::Written(Ok(())));
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Event::Written(Err(e))),
+                Poll::Pending => break,
+            }
+        }
+        if let Some(rb) = rb {
+            if self.session.wants_input() {
+                if let Poll::Ready(r) = rb.poll_fill(cx, &mut self.stream) {
+                    return Poll::Ready(Event::Read(r));
+                }
+            }
+        }
+        if let Some((_, t)) = self.timer.as_mut() {
+            if Pin::new(t).poll(cx).is_ready() {
+                self.timer = None;
+                return Poll::Ready(Event::Timer);
+            }
+        }
+        Poll::Pending
+    }
+
+    fn apply(&mut self, ev: Event) {
+        let now = Instant::now();
+        match ev {
+            Event::Cancel(Cancel::Graceful(r)) => self.session.close(r),
+            Event::Cancel(Cancel::Abort(r)) => self.session.abort(r),
+            Event::Commit(seq, o) => {
+                let before = self.session.stats().records_acked;
+                self.session.on_commit(seq, o);
+                let acked = self.session.stats().records_acked - before;
+                if acked > 0 {
+                    self.shard
                         .stats
                         .records_acked
-                        .fetch_add(p.records as u64, Ordering::Relaxed);
-                    shard.count_stored(imei, p.records);
+                        .fetch_add(acked, Ordering::Relaxed);
+                    if let Some(imei) = self.session.imei() {
+                        self.shard
+                            .stored(imei, acked as u32, (unix_now_us() / 1000) as u64);
+                    }
                 }
             }
-            WriteOutcome::Failed => {
-                ShardStats::inc(&shard.stats.frames_failed);
-                broken = Some("records refused by the database");
-                shut_read(fd);
-            }
+            Event::Written(r) => self.session.on_write_done(r.is_ok()),
+            Event::Read(Ok(0)) => self.session.on_read_end(CloseReason::ClosedByPeer),
+            Event::Read(Ok(n)) => self.session.on_bytes_read(n, now),
+            Event::Read(Err(_)) => self.session.on_read_end(CloseReason::ReadError),
+            Event::Timer => self.session.handle_timeout(now),
         }
     }
-    broken
+
+    /// Keeps a timer armed no later than the session's next deadline. A deadline that moved
+    /// later (the idle timer after a read) keeps the earlier timer: when it fires, the session
+    /// finds nothing expired and the timer is armed again.
+    fn arm_timer(&mut self) {
+        let Some(at) = self.session.poll_timeout() else {
+            return;
+        };
+        if self.timer.as_ref().is_some_and(|(t, _)| *t <= at) {
+            return;
+        }
+        let now = Instant::now();
+        self.timer = Some((at, Timer::new(at.saturating_duration_since(now))));
+    }
 }

@@ -1,16 +1,22 @@
 //! The shard's UDP socket: each datagram is decoded, its rows go to the writer, and the ack
 //! (echoing the datagram's packet id and AVL packet id) is sent once they are committed.
 //! Runs on a shard.
+//!
+//! Datagrams take room in the same byte budget as TCP frames; while the shard waits for room
+//! it reads no datagrams (the kernel's receive buffer holds or drops them, and devices resend
+//! unacked ones), and the wait ends when the shard stops.
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
+use futures::channel::oneshot;
 use futures::future::{select, Either};
 use glommio::net::UdpSocket;
 
 use crate::protocol::udp::{decode_datagram, encode_ack};
-use crate::shard::{spawn_detached, Shard, ShardStats, SubmitError};
-use crate::sink::WriteOutcome;
+use crate::shard::{spawn_detached, unix_now_us, Shard, ShardStats};
+use crate::sink::copy::{encode_rows, rows_len};
+use crate::sink::{WriteOutcome, WriterBatch};
 
 /// Largest UDP payload.
 const MAX_DATAGRAM: usize = 65_536;
@@ -49,16 +55,35 @@ pub async fn serve(shard: Rc<Shard>, sock: Rc<UdpSocket>) {
             tracing::info!(shard = shard.id, imei = %d.imei, "Datagram refused by the device policy.");
             continue;
         }
-        let ack = encode_ack(d.packet_id, d.avl_packet_id, d.avl.count());
-        let submitted = match shard.submit(d.imei, &d.avl).await {
-            Ok(s) => s,
-            Err(SubmitError::Stopping) => return,
-            Err(SubmitError::WriterUnavailable) => continue,
+        let need = rows_len(&d.avl);
+        let permit = match shard.budget.try_acquire(need) {
+            Some(p) => p,
+            None => {
+                let stop = shard.stopping.clone();
+                match select(shard.budget.acquire(need), stop).await {
+                    Either::Left((p, _)) => p,
+                    Either::Right(_) => return,
+                }
+            }
         };
+        let ack = encode_ack(d.packet_id, d.avl_packet_id, d.avl.count());
+        let records = d.avl.count() as u32;
+        let mut rows = Vec::with_capacity(need);
+        encode_rows(d.imei, &d.avl, unix_now_us(), &mut rows);
+        let (done, rx) = oneshot::channel();
+        let batch = WriterBatch {
+            rows: rows.into(),
+            records,
+            done,
+            permit,
+        };
+        if shard.writer.send_rows(batch).is_err() {
+            tracing::error!(shard = shard.id, "Writer gone; datagram not accepted.");
+            continue;
+        }
         let (s, sock, imei) = (shard.clone(), sock.clone(), d.imei);
         spawn_detached(&shard.gate, async move {
-            let records = submitted.records;
-            if submitted.done.await == Ok(WriteOutcome::Committed) {
+            if rx.await == Ok(WriteOutcome::Committed) {
                 s.count_stored(imei, records);
                 if sock.send_to(&ack, peer).await.is_ok() {
                     s.stats

@@ -1,43 +1,38 @@
-//! One shard per core: a glommio executor with its own SO_REUSEPORT TCP listener and UDP socket
-//! on the device port. Runs on a shard thread.
+//! A shard's state and the messages it takes. Runs on a shard thread (one glommio executor per
+//! core); a leaf: the executor loop (`crate::executor`) and the connection drivers
+//! (`crate::conn`) build on it, it depends on neither.
 //!
-//! The kernel spreads new connections over the shards' listeners; the shard that accepts a
-//! connection reads its login and hands the socket (with any bytes already read) to the
-//! device's owning shard, [`shard_for`]`(imei)`, through that shard's inbox. From then on the
-//! device's session, counters and pending work live on that one core.
-//!
-//! Every inbox is a `futures` unbounded channel: any thread (another shard, the main thread)
-//! can send to it, and the shard awaits it like any local future. That is the one mechanism
-//! for messages into a shard.
+//! Each device is owned by exactly one shard, [`shard_for`]`(imei)`: its session, counters and
+//! pending work live on that core. Every inbox is a `futures` unbounded channel: any thread
+//! (another shard, the main thread, the housekeeper) can send to it, and the shard awaits it
+//! like any local future. That is the one mechanism for messages into a shard.
 
+pub mod budget;
 pub mod devices;
 pub mod pool;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
-use futures::future::{select, Either, FutureExt, Shared};
-use futures::StreamExt;
-use glommio::net::{TcpListener, UdpSocket};
-use glommio::sync::{Gate, Semaphore};
+use futures::channel::mpsc::UnboundedSender;
+use futures::future::{select, Either, Shared};
+use glommio::sync::Gate;
 use glommio::timer::Timer;
 
 use crate::config::Config;
 use crate::policy::DevicePolicy;
-use crate::protocol::AvlData;
 use crate::protocol::Imei;
-use crate::sink::copy::encode_rows;
-use crate::sink::{WriteOutcome, WriterBatch, WriterMsg};
-use futures::channel::oneshot;
-use glommio::sync::StaticPermit;
+use crate::session::{CloseReason, SessionConfig};
+use crate::sink::{SessionEvent, WriterTx};
 
+use budget::ByteBudget;
 use devices::DeviceTable;
 use pool::BufferPool;
 
@@ -67,6 +62,8 @@ pub enum ShardMsg {
         records: u32,
         at_ms: u64,
     },
+    /// The device policy changed: end the sessions of devices it no longer admits.
+    PolicyChanged,
     /// Stop accepting, finish what is in flight, close, exit.
     Shutdown,
 }
@@ -77,12 +74,16 @@ pub struct ShardStats {
     pub connections_accepted: AtomicU64,
     pub connections_open: AtomicU64,
     pub connections_refused: AtomicU64,
+    pub accept_errors: AtomicU64,
     pub logins_accepted: AtomicU64,
     pub logins_rejected: AtomicU64,
     pub login_timeouts: AtomicU64,
     pub idle_timeouts: AtomicU64,
+    pub write_timeouts: AtomicU64,
     pub handoffs: AtomicU64,
+    pub handoffs_failed: AtomicU64,
     pub replaced: AtomicU64,
+    pub disabled: AtomicU64,
     pub decode_errors: AtomicU64,
     pub frames_received: AtomicU64,
     pub records_acked: AtomicU64,
@@ -91,6 +92,8 @@ pub struct ShardStats {
     pub udp_datagrams: AtomicU64,
     pub udp_errors: AtomicU64,
     pub udp_records_acked: AtomicU64,
+    /// Devices not tracked because the device table was full (spoofed UDP IMEIs and the like).
+    pub devices_untracked: AtomicU64,
 }
 
 impl ShardStats {
@@ -99,19 +102,92 @@ impl ShardStats {
     }
 }
 
-/// What a shard thread is started with.
-pub struct ShardSpec {
-    pub shard_id: usize,
-    pub nr_shards: usize,
-    pub config: Arc<Config>,
-    /// The resolved device address (port already chosen).
-    pub device_addr: SocketAddr,
-    /// Every shard's inbox, indexed by shard id.
-    pub inboxes: Arc<Vec<UnboundedSender<ShardMsg>>>,
-    pub inbox: UnboundedReceiver<ShardMsg>,
-    pub writer: crossbeam_channel::Sender<WriterMsg>,
-    pub policy: Arc<DevicePolicy>,
-    pub stats: Arc<ShardStats>,
+/// How a connection is told to end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cancel {
+    /// Stop reading; ack what commits; then close.
+    Graceful(CloseReason),
+    /// Close now, whatever the connection is waiting for.
+    Abort(CloseReason),
+}
+
+/// The shard's handle on one open connection: how anyone on the shard (replacement, policy
+/// change, shutdown) ends it, whatever it awaits. The connection's task polls
+/// [`ConnCtl::poll_cancel`] alongside everything else it waits for.
+#[derive(Debug)]
+pub struct ConnCtl {
+    pub id: u64,
+    pub fd: RawFd,
+    signal: Cell<Option<Cancel>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl ConnCtl {
+    /// Tells the connection to end; an abort outranks a graceful close.
+    pub fn cancel(&self, c: Cancel) {
+        let merged = match (self.signal.get(), c) {
+            (Some(a @ Cancel::Abort(_)), Cancel::Graceful(_)) => a,
+            _ => c,
+        };
+        self.signal.set(Some(merged));
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// The cancellation sent since the last call, if any.
+    pub fn poll_cancel(&self, cx: &mut Context<'_>) -> Poll<Cancel> {
+        match self.signal.take() {
+            Some(c) => Poll::Ready(c),
+            None => {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// Keeps a connection in its shard's table (and its count) while it lives.
+pub struct ConnGuard {
+    shard: Rc<Shard>,
+    pub ctl: Rc<ConnCtl>,
+}
+
+impl ConnGuard {
+    /// Registers a connection, unless the shard is at its connection cap (`None`: refused and
+    /// counted).
+    pub fn register(shard: &Rc<Shard>, fd: RawFd) -> Option<ConnGuard> {
+        if shard.conns.borrow().len() >= shard.config.max_connections_per_shard {
+            ShardStats::inc(&shard.stats.connections_refused);
+            tracing::warn!(
+                shard = shard.id,
+                "Connection refused: connection limit reached."
+            );
+            return None;
+        }
+        let ctl = Rc::new(ConnCtl {
+            id: shard.next_conn_id(),
+            fd,
+            signal: Cell::new(None),
+            waker: RefCell::new(None),
+        });
+        shard.conns.borrow_mut().insert(ctl.id, ctl.clone());
+        shard.stats.connections_open.fetch_add(1, Ordering::Relaxed);
+        Some(ConnGuard {
+            shard: shard.clone(),
+            ctl,
+        })
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.shard.conns.borrow_mut().remove(&self.ctl.id);
+        self.shard
+            .stats
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A shard's state, shared by its tasks (`Rc`: it never leaves its thread).
@@ -120,15 +196,15 @@ pub struct Shard {
     pub nr_shards: usize,
     pub config: Arc<Config>,
     pub inboxes: Arc<Vec<UnboundedSender<ShardMsg>>>,
-    pub writer: crossbeam_channel::Sender<WriterMsg>,
+    pub writer: WriterTx,
     pub policy: Arc<DevicePolicy>,
     pub stats: Arc<ShardStats>,
     pub devices: RefCell<DeviceTable>,
     pub pool: Rc<BufferPool>,
-    /// Frames of this shard waiting for their commit; a permit per frame.
-    pub in_flight: Rc<Semaphore>,
-    /// Open TCP connections of this shard: id -> socket, to close them on shutdown.
-    pub conns: RefCell<HashMap<u64, RawFd>>,
+    /// The bytes of rows this shard may hold awaiting their commit (the memory bound).
+    pub budget: ByteBudget,
+    /// Open TCP connections of this shard: id -> handle.
+    pub conns: RefCell<HashMap<u64, Rc<ConnCtl>>>,
     next_conn: Cell<u64>,
     /// Completes when the shard starts stopping.
     pub stopping: Shared<futures::channel::oneshot::Receiver<()>>,
@@ -137,6 +213,39 @@ pub struct Shard {
 }
 
 impl Shard {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: usize,
+        nr_shards: usize,
+        config: Arc<Config>,
+        inboxes: Arc<Vec<UnboundedSender<ShardMsg>>>,
+        writer: WriterTx,
+        policy: Arc<DevicePolicy>,
+        stats: Arc<ShardStats>,
+        budget: ByteBudget,
+        stopping: Shared<futures::channel::oneshot::Receiver<()>>,
+    ) -> Shard {
+        let max_buf = config.max_frame_len as usize
+            + crate::protocol::tcp::HEADER_LEN
+            + crate::protocol::tcp::TRAILER_LEN;
+        Shard {
+            id,
+            nr_shards,
+            devices: RefCell::new(DeviceTable::new(config.max_connections_per_shard)),
+            pool: BufferPool::new(pool::BUFFER_SIZE, max_buf, 1024),
+            config,
+            inboxes,
+            writer,
+            policy,
+            stats,
+            budget,
+            conns: RefCell::new(HashMap::new()),
+            next_conn: Cell::new(1),
+            stopping,
+            gate: Gate::new(),
+        }
+    }
+
     /// A new connection id, unique on this shard.
     pub fn next_conn_id(&self) -> u64 {
         let id = self.next_conn.get();
@@ -144,37 +253,16 @@ impl Shard {
         (id << 10) | self.id as u64
     }
 
-    /// Encodes a frame's (or datagram's) rows and hands them to the writer, holding one of the
-    /// shard's in-flight permits until the answer is dropped: the one path from decoded
-    /// records to the writer, for TCP and UDP alike. Waits while the shard is at its
-    /// in-flight limit (back-pressure).
-    ///
-    /// # Errors
-    /// The shard is stopping, or the writer's queue is full or gone.
-    pub async fn submit(&self, imei: Imei, avl: &AvlData<'_>) -> Result<Submitted, SubmitError> {
-        let records = avl.count() as u32;
-        let mut rows = Vec::with_capacity(avl.records_bytes().len() * 2 + 64);
-        encode_rows(imei, avl, unix_now_us(), &mut rows);
-        let permit = self
-            .in_flight
-            .acquire_static_permit(1)
-            .await
-            .map_err(|_| SubmitError::Stopping)?;
-        let (tx, done) = oneshot::channel();
-        let batch = WriterBatch {
-            rows: rows.into(),
-            records,
-            done: tx,
-        };
-        if self.writer.try_send(WriterMsg::Rows(batch)).is_err() {
-            tracing::error!(shard = self.id, %imei, "Writer queue full or gone; records not accepted.");
-            return Err(SubmitError::WriterUnavailable);
+    /// The limits of a device session on this shard.
+    pub fn session_config(&self) -> SessionConfig {
+        let c = &self.config;
+        SessionConfig {
+            max_frame_len: c.max_frame_len,
+            max_frames_in_flight: c.max_frames_in_flight_per_connection,
+            login_timeout: c.login_timeout(),
+            idle_timeout: c.idle_timeout(),
+            write_timeout: c.write_timeout(),
         }
-        Ok(Submitted {
-            done,
-            records,
-            _permit: permit,
-        })
     }
 
     /// Counts stored records for `imei` on its owning shard: here, or by message.
@@ -182,7 +270,7 @@ impl Shard {
         let at_ms = (unix_now_us() / 1000) as u64;
         let owner = shard_for(imei, self.nr_shards);
         if owner == self.id {
-            self.devices.borrow_mut().stored(imei, records, at_ms);
+            self.stored(imei, records, at_ms);
         } else {
             let _ = self.inboxes[owner].unbounded_send(ShardMsg::Stored {
                 imei,
@@ -192,25 +280,60 @@ impl Shard {
         }
     }
 
+    /// Counts stored records of a device this shard owns.
+    pub fn stored(&self, imei: Imei, records: u32, at_ms: u64) {
+        if !self.devices.borrow_mut().stored(imei, records, at_ms) {
+            ShardStats::inc(&self.stats.devices_untracked);
+        }
+    }
+
+    /// Sends a connect or disconnect event to the writer (its own bounded budget: a full one
+    /// drops the event, counted by the writer, never a frame).
+    pub fn session_event(
+        &self,
+        imei: Imei,
+        event: &'static str,
+        peer: Option<SocketAddr>,
+        reason: Option<String>,
+    ) {
+        self.writer.send_event(SessionEvent {
+            imei: imei.as_u64(),
+            event,
+            at: std::time::SystemTime::now(),
+            shard: self.id as u32,
+            transport: "tcp",
+            peer: peer.map(|p| p.to_string()),
+            reason,
+        });
+    }
+
+    /// Ends the sessions of devices the policy no longer admits.
+    pub fn enforce_policy(&self) {
+        let refused: Vec<Rc<ConnCtl>> = self
+            .devices
+            .borrow()
+            .connected()
+            .filter(|(imei, _)| !self.policy.admits(*imei))
+            .map(|(_, ctl)| ctl.clone())
+            .collect();
+        for ctl in refused {
+            ShardStats::inc(&self.stats.disabled);
+            ctl.cancel(Cancel::Abort(CloseReason::DeviceDisabled));
+        }
+    }
+
+    /// Tells every open connection to end.
+    pub fn cancel_all(&self, c: Cancel) {
+        let conns: Vec<Rc<ConnCtl>> = self.conns.borrow().values().cloned().collect();
+        for ctl in conns {
+            ctl.cancel(c);
+        }
+    }
+
     /// Whether the shard is stopping.
     pub fn is_stopping(&self) -> bool {
         self.stopping.peek().is_some()
     }
-}
-
-/// Rows handed to the writer: the answer to await before acking, and the shard in-flight
-/// permit it holds meanwhile.
-pub struct Submitted {
-    pub done: oneshot::Receiver<WriteOutcome>,
-    pub records: u32,
-    _permit: StaticPermit,
-}
-
-/// Why rows could not be handed to the writer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SubmitError {
-    Stopping,
-    WriterUnavailable,
 }
 
 /// The gateway's clock: microseconds since the Unix epoch.
@@ -240,212 +363,6 @@ pub fn spawn_detached(gate: &Gate, fut: impl std::future::Future<Output = ()> + 
     }
 }
 
-/// Stops a socket's reading side: a pending read returns end-of-stream, so its task winds
-/// down through its normal path (acks of committed frames still go out).
-pub fn shut_read(fd: RawFd) {
-    // SAFETY: shutdown(2) on a descriptor this shard owns and has not closed; worst case EBADF.
-    unsafe {
-        libc::shutdown(fd, libc::SHUT_RD);
-    }
-}
-
-/// The body of a shard thread: bind, report readiness, serve until told to stop.
-///
-/// `ready` is answered once, with the bind result, so `serve` fails loudly if a shard cannot
-/// start.
-pub async fn run(
-    spec: ShardSpec,
-    ready: std::sync::mpsc::Sender<Result<(), String>>,
-    shutdown_timeout: Duration,
-) {
-    let ShardSpec {
-        shard_id,
-        nr_shards,
-        config,
-        device_addr,
-        inboxes,
-        mut inbox,
-        writer,
-        policy,
-        stats,
-    } = spec;
-    let bound = bind_device_sockets(device_addr)
-        .map_err(|e| format!("shard {shard_id}: cannot bind {device_addr}: {e}"));
-    let (listener, udp) = match bound {
-        Ok(x) => x,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
-    let buffer_size = config.max_frame_len as usize
-        + crate::protocol::tcp::HEADER_LEN
-        + crate::protocol::tcp::TRAILER_LEN;
-    let shard = Rc::new(Shard {
-        id: shard_id,
-        nr_shards,
-        in_flight: Rc::new(Semaphore::new(config.max_frames_in_flight_per_shard as u64)),
-        config,
-        inboxes,
-        writer,
-        policy,
-        stats,
-        devices: RefCell::new(DeviceTable::default()),
-        pool: BufferPool::new(buffer_size, 1024),
-        conns: RefCell::new(HashMap::new()),
-        next_conn: Cell::new(1),
-        stopping: stop_rx.shared(),
-        gate: Gate::new(),
-    });
-    let _ = ready.send(Ok(()));
-    tracing::info!(shard = shard_id, addr = %device_addr, "Shard listening.");
-
-    let accept = glommio::spawn_local(accept_loop(shard.clone(), listener));
-    let udp = glommio::spawn_local(crate::conn::udp::serve(shard.clone(), Rc::new(udp)));
-
-    // The inbox: handed-over connections, and the order to stop.
-    while let Some(msg) = inbox.next().await {
-        match msg {
-            ShardMsg::Adopt {
-                fd,
-                imei,
-                peer,
-                pending,
-            } => {
-                let s = shard.clone();
-                spawn_detached(
-                    &shard.gate,
-                    crate::conn::tcp::adopt(s, fd, imei, peer, pending),
-                );
-            }
-            ShardMsg::Stored {
-                imei,
-                records,
-                at_ms,
-            } => shard.devices.borrow_mut().stored(imei, records, at_ms),
-            ShardMsg::Shutdown => break,
-        }
-    }
-
-    // Stop: no new connections or datagrams; readers end; in-flight frames commit and are acked.
-    let _ = stop_tx.send(());
-    accept.await;
-    udp.await;
-    for &fd in shard.conns.borrow().values() {
-        shut_read(fd);
-    }
-    if with_timeout(shutdown_timeout, shard.gate.close())
-        .await
-        .is_none()
-    {
-        tracing::warn!(
-            shard = shard_id,
-            "Shutdown deadline passed with frames still in flight; closing."
-        );
-    }
-    tracing::info!(shard = shard_id, "Shard stopped.");
-}
-
-/// Listen backlog of each shard's listener: a fleet reconnecting after an outage arrives at once.
-const LISTEN_BACKLOG: i32 = 4096;
-
-/// Receive buffer of each shard's UDP socket. The kernel default (~208 KiB) dropped 5% of the
-/// datagrams of 500 devices with 4 in flight each (tuning/ingest.md), each drop costing a
-/// device a resend after its timeout.
-const UDP_RECV_BUFFER: usize = 8 << 20;
-
-/// Sets the UDP receive buffer: SO_RCVBUFFORCE when privileged (it passes the
-/// `net.core.rmem_max` cap), else SO_RCVBUF (capped; raise the sysctl, see tuning/).
-fn set_udp_receive_buffer(sock: &socket2::Socket, bytes: usize) {
-    use std::os::fd::AsRawFd;
-    let v = bytes as libc::c_int;
-    // SAFETY: setsockopt on an open socket with a correctly sized int option.
-    let forced = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            &v as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    } == 0;
-    if !forced {
-        let _ = sock.set_recv_buffer_size(bytes);
-    }
-    let got = sock.recv_buffer_size().unwrap_or(0);
-    if got < bytes {
-        tracing::warn!(
-            wanted = bytes,
-            got,
-            "UDP receive buffer capped by net.core.rmem_max; bursts may drop datagrams."
-        );
-    }
-}
-
-/// This shard's TCP listener and UDP socket on the device address, both SO_REUSEPORT (one of
-/// each per shard; the kernel spreads connections and datagrams over them) and SO_REUSEADDR
-/// (so a restarted gateway can bind while its predecessor's closed connections linger, and so
-/// `serve`'s plain probe bind conflicts only with a live listener).
-fn bind_device_sockets(addr: SocketAddr) -> std::io::Result<(TcpListener, UdpSocket)> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    use std::os::fd::{FromRawFd, IntoRawFd};
-    let domain = Domain::for_address(addr);
-    let tcp = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-    tcp.set_reuse_address(true)?;
-    tcp.set_reuse_port(true)?;
-    tcp.bind(&addr.into())?;
-    tcp.listen(LISTEN_BACKLOG)?;
-    // SAFETY: a bound, listening socket whose ownership moves into the listener.
-    let listener = unsafe { TcpListener::from_raw_fd(tcp.into_raw_fd()) };
-    let udp = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-    udp.set_reuse_address(true)?;
-    udp.set_reuse_port(true)?;
-    set_udp_receive_buffer(&udp, UDP_RECV_BUFFER);
-    udp.bind(&addr.into())?;
-    // SAFETY: a bound socket whose ownership moves into the glommio socket.
-    let udp = unsafe { UdpSocket::from_raw_fd(udp.into_raw_fd()) };
-    Ok((listener, udp))
-}
-
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
-    loop {
-        let accepted = {
-            let stop = shard.stopping.clone();
-            let acc = listener.accept();
-            futures::pin_mut!(acc);
-            match select(acc, stop).await {
-                Either::Left((r, _)) => r,
-                Either::Right(_) => return,
-            }
-        };
-        let stream = match accepted {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(shard = shard.id, error = %e, "Accept failed.");
-                // Out of descriptors and the like: give the system a moment.
-                Timer::new(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        ShardStats::inc(&shard.stats.connections_accepted);
-        if shard.conns.borrow().len() >= shard.config.max_connections_per_shard {
-            ShardStats::inc(&shard.stats.connections_refused);
-            tracing::warn!(
-                shard = shard.id,
-                "Connection refused: connection limit reached."
-            );
-            drop(stream);
-            continue;
-        }
-        let conn = crate::conn::tcp::ConnGuard::register(&shard, stream.as_raw_fd());
-        spawn_detached(
-            &shard.gate,
-            crate::conn::tcp::accepted(shard.clone(), stream, conn),
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,5 +377,25 @@ mod tests {
             assert!((2_300..=2_700).contains(&c), "{counts:?}");
         }
         assert_eq!(shard_for(Imei::new(1).unwrap(), 1), 0);
+    }
+
+    #[test]
+    fn an_abort_outranks_a_graceful_close() {
+        let ctl = ConnCtl {
+            id: 1,
+            fd: -1,
+            signal: Cell::new(None),
+            waker: RefCell::new(None),
+        };
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(ctl.poll_cancel(&mut cx).is_pending());
+        ctl.cancel(Cancel::Abort(CloseReason::Replaced));
+        ctl.cancel(Cancel::Graceful(CloseReason::Shutdown));
+        assert_eq!(
+            ctl.poll_cancel(&mut cx),
+            Poll::Ready(Cancel::Abort(CloseReason::Replaced))
+        );
+        assert!(ctl.poll_cancel(&mut cx).is_pending());
     }
 }

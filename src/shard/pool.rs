@@ -1,32 +1,43 @@
 //! Per-shard read buffers. Runs on a shard (`Rc`, no locks).
 //!
-//! A connection holds a buffer only while it has bytes in it: [`ReadBuf::fill`] takes one from
-//! the pool just before reading and gives it back when a read would wait with nothing
+//! A connection holds a buffer only while it has bytes in it: [`ReadBuf::poll_fill`] takes one
+//! from the pool just before reading and gives it back when a read would wait with nothing
 //! buffered, so tens of thousands of idle devices cost no read memory. This relies on glommio's
 //! readiness-based socket reads, which do not keep the caller's slice while pending.
+//!
+//! Pool buffers are small ([`BUFFER_SIZE`]: real frames are a few hundred bytes to 2 KiB); a
+//! frame that does not fit grows its connection's buffer, up to the largest frame allowed,
+//! and a grown buffer is freed rather than pooled once emptied. So `max_frame_len` costs memory
+//! only for the frames that are that large.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use futures::io::AsyncRead;
+
+/// Size of a pooled read buffer.
+pub const BUFFER_SIZE: usize = 4096;
 
 /// Free fixed-size buffers of one shard.
 pub struct BufferPool {
     free: RefCell<Vec<Box<[u8]>>>,
     size: usize,
+    /// The largest a connection's buffer may grow (the largest frame with its header).
+    max_size: usize,
     max_free: usize,
 }
 
 impl BufferPool {
-    /// Buffers of `size` bytes (the largest frame must fit one); keeps at most `max_free` idle.
-    pub fn new(size: usize, max_free: usize) -> Rc<BufferPool> {
+    /// Buffers of `size` bytes, growing up to `max_size`; keeps at most `max_free` idle.
+    pub fn new(size: usize, max_size: usize, max_free: usize) -> Rc<BufferPool> {
         Rc::new(BufferPool {
             free: RefCell::new(Vec::new()),
-            size,
+            size: size.min(max_size),
+            max_size,
             max_free,
         })
     }
@@ -40,7 +51,7 @@ impl BufferPool {
 
     fn put(&self, b: Box<[u8]>) {
         let mut free = self.free.borrow_mut();
-        if free.len() < self.max_free {
+        if b.len() == self.size && free.len() < self.max_free {
             free.push(b);
         }
     }
@@ -70,13 +81,14 @@ impl ReadBuf {
     }
 
     /// A buffer that starts with `bytes` (a connection handed over from another shard).
-    ///
-    /// # Panics
-    /// If `bytes` does not fit a pool buffer (the sender never reads more than one).
     pub fn with_bytes(pool: Rc<BufferPool>, bytes: &[u8]) -> ReadBuf {
         let mut rb = ReadBuf::new(pool);
         if !bytes.is_empty() {
-            let mut b = rb.pool.take();
+            let mut b = if bytes.len() <= rb.pool.size {
+                rb.pool.take()
+            } else {
+                vec![0u8; bytes.len()].into_boxed_slice()
+            };
             b[..bytes.len()].copy_from_slice(bytes);
             rb.buf = Some(b);
             rb.end = bytes.len();
@@ -116,37 +128,51 @@ impl ReadBuf {
     /// Reads once from `rd`, appending to the unconsumed bytes. Returns the bytes read (0: end
     /// of stream).
     pub async fn fill<R: AsyncRead + Unpin>(&mut self, rd: &mut R) -> io::Result<usize> {
-        poll_fn(|cx| {
-            let buf = self.buf.get_or_insert_with(|| self.pool.take());
-            if self.end == buf.len() && self.start > 0 {
-                buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            }
-            if self.end == buf.len() {
+        poll_fn(|cx| self.poll_fill(cx, rd)).await
+    }
+
+    /// [`ReadBuf::fill`] as a poll: makes room (compacting, or growing a full buffer up to the
+    /// pool's largest size), then reads.
+    pub fn poll_fill<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        rd: &mut R,
+    ) -> Poll<io::Result<usize>> {
+        let buf = self.buf.get_or_insert_with(|| self.pool.take());
+        if self.end == buf.len() && self.start > 0 {
+            buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == buf.len() {
+            if buf.len() >= self.pool.max_size {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "read buffer full",
                 )));
             }
-            match Pin::new(&mut *rd).poll_read(cx, &mut buf[self.end..]) {
-                Poll::Pending => {
-                    if self.start == self.end {
-                        self.release();
-                    }
-                    Poll::Pending
+            let mut grown = vec![0u8; (buf.len() * 2).min(self.pool.max_size)].into_boxed_slice();
+            grown[..self.end].copy_from_slice(&buf[..self.end]);
+            let old = std::mem::replace(buf, grown);
+            self.pool.put(old);
+        }
+        let buf = self.buf.as_mut().expect("a buffer");
+        match Pin::new(&mut *rd).poll_read(cx, &mut buf[self.end..]) {
+            Poll::Pending => {
+                if self.start == self.end {
+                    self.release();
                 }
-                Poll::Ready(Ok(n)) => {
-                    self.end += n;
-                    if self.start == self.end {
-                        self.release();
-                    }
-                    Poll::Ready(Ok(n))
-                }
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending
             }
-        })
-        .await
+            Poll::Ready(Ok(n)) => {
+                self.end += n;
+                if self.start == self.end {
+                    self.release();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        }
     }
 }
 
@@ -171,7 +197,7 @@ mod tests {
                     .await
                     .unwrap();
                 let mut server = listener.accept().await.unwrap();
-                let pool = BufferPool::new(1024, 8);
+                let pool = BufferPool::new(4, 64, 8);
                 let mut rb = ReadBuf::new(pool.clone());
 
                 // Nothing to read: the pending read gives its buffer back.
@@ -191,6 +217,19 @@ mod tests {
                 rb.consume(2);
                 assert!(!rb.holds_buffer(), "an emptied buffer goes back");
                 assert_eq!(pool.idle(), 1);
+
+                // A frame larger than a pool buffer grows this connection's buffer, up to the
+                // pool's largest size; the grown buffer is freed, not pooled.
+                client.write_all(&[7u8; 70]).await.unwrap();
+                while rb.data().len() < 64 {
+                    rb.fill(&mut server).await.unwrap();
+                }
+                assert_eq!(rb.data(), &[7u8; 64][..]);
+                let full = rb.fill(&mut server).await;
+                assert_eq!(full.unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+                rb.consume(64);
+                assert!(!rb.holds_buffer());
+                assert_eq!(pool.idle(), 1, "only pool-sized buffers are pooled");
             })
             .unwrap()
             .join()

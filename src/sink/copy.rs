@@ -77,6 +77,52 @@ fn array(out: &mut Vec<u8>, oid: u32, each: impl FnOnce(&mut Vec<u8>) -> u32) {
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
 }
 
+/// Bytes of a field of `n` data bytes.
+const fn f(n: usize) -> usize {
+    4 + n
+}
+/// Bytes of an array field of `n` elements (header: ndim, has-nulls, oid, and one dimension
+/// when not empty).
+const fn arr(n: usize, elements: usize) -> usize {
+    if n == 0 {
+        f(12)
+    } else {
+        f(20) + elements
+    }
+}
+/// Bytes of a record's row outside its IO arrays.
+const ROW_FIXED: usize = 2
+    + f(8) * 3 // imei, ts, received_at
+    + f(2) * 3 // codec, priority, alt
+    + f(8) * 2 // lat, lon
+    + f(4) * 3 // angle, speed, event_io
+    + f(2) // sats
+    + f(8); // rec_hash
+
+/// Exactly the bytes [`encode_rows`] appends for `avl`, computed without encoding: a shard
+/// reserves this much of its memory budget before it encodes a frame.
+pub fn rows_len(avl: &AvlData<'_>) -> usize {
+    let mut total = 0;
+    for r in avl.records() {
+        let (mut fixed, mut nx, mut nx_bytes) = (0usize, 0usize, 0usize);
+        r.for_each_io(|e| match e.value {
+            IoValue::Nx(b) => {
+                nx += 1;
+                nx_bytes += f(b.len());
+            }
+            _ => fixed += 1,
+        });
+        let gen_type = if r.gen_type().is_some() { f(2) } else { 4 };
+        total += ROW_FIXED
+            + gen_type
+            + arr(fixed, fixed * f(4))
+            + arr(fixed, fixed * f(8))
+            + arr(nx, nx * f(4))
+            + arr(nx, nx_bytes);
+    }
+    total
+}
+
 /// Appends one COPY row per record of `avl` (no header or trailer). `received_at_us` is the
 /// gateway's clock, µs since the Unix epoch.
 pub fn encode_rows(imei: Imei, avl: &AvlData<'_>, received_at_us: i64, out: &mut Vec<u8>) {

@@ -8,4 +8,4 @@
 pub mod copy;
 pub mod writer;
 
-pub use writer::{SessionEvent, WriteOutcome, WriterBatch, WriterHandle, WriterMsg};
+pub use writer::{SessionEvent, WriteOutcome, WriterBatch, WriterHandle, WriterMsg, WriterTx};

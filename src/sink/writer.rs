@@ -40,6 +40,9 @@ pub struct WriterBatch {
     pub records: u32,
     /// Answered once the rows are committed, or have failed for good.
     pub done: oneshot::Sender<WriteOutcome>,
+    /// The shard's room for these rows, released (by dropping the batch) as soon as the batch
+    /// is answered.
+    pub permit: crate::shard::budget::Permit,
 }
 
 /// The writer's answer for one batch.
@@ -69,6 +72,33 @@ pub struct SessionEvent {
 pub enum WriterMsg {
     Rows(WriterBatch),
     Session(SessionEvent),
+}
+
+/// The shards' side of the writer (temporary shape; see the writer rework).
+#[derive(Clone)]
+pub struct WriterTx {
+    tx: Sender<WriterMsg>,
+}
+
+impl WriterTx {
+    /// Hands rows to the writer; `Err` gives them back when the writer is gone.
+    pub fn send_rows(&self, b: WriterBatch) -> Result<(), WriterBatch> {
+        self.tx
+            .try_send(WriterMsg::Rows(b))
+            .map_err(|e| match e.into_inner() {
+                WriterMsg::Rows(b) => b,
+                WriterMsg::Session(_) => unreachable!(),
+            })
+    }
+
+    /// A lifecycle event; dropped (and logged) when the queue is full.
+    pub fn send_event(&self, ev: SessionEvent) -> bool {
+        let ok = self.tx.try_send(WriterMsg::Session(ev)).is_ok();
+        if !ok {
+            tracing::warn!("Session event dropped: writer queue full.");
+        }
+        ok
+    }
 }
 
 /// Settings of the writer thread.
@@ -108,8 +138,10 @@ pub struct WriterHandle {
 
 impl WriterHandle {
     /// A sender for a shard.
-    pub fn sender(&self) -> Sender<WriterMsg> {
-        self.tx.clone()
+    pub fn sender(&self) -> WriterTx {
+        WriterTx {
+            tx: self.tx.clone(),
+        }
     }
 
     /// Drops this handle's sender and waits until the writer has committed and answered

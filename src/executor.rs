@@ -1,0 +1,253 @@
+//! The shard executor: the body of each shard thread (one glommio executor per core). Binds the
+//! shard's SO_REUSEPORT TCP listener and UDP socket, accepts connections and runs their
+//! sessions (`crate::conn`), serves the shard's inbox, and stops in order. Runs on a shard.
+//!
+//! The kernel spreads new connections over the shards' listeners; the shard that accepts a
+//! connection reads its login and hands the socket to the device's owning shard
+//! ([`crate::shard::shard_for`]) through that shard's inbox.
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
+use futures::future::{select, Either, FutureExt};
+use futures::StreamExt;
+use glommio::net::{TcpListener, UdpSocket};
+use glommio::timer::Timer;
+
+use crate::config::Config;
+use crate::policy::DevicePolicy;
+use crate::session::CloseReason;
+use crate::shard::budget::ByteBudget;
+use crate::shard::{
+    spawn_detached, unix_now_us, with_timeout, Cancel, ConnGuard, Shard, ShardMsg, ShardStats,
+};
+use crate::sink::WriterTx;
+
+/// What a shard thread is started with.
+pub struct ShardSpec {
+    pub shard_id: usize,
+    pub nr_shards: usize,
+    pub config: Arc<Config>,
+    /// The resolved device address (port already chosen).
+    pub device_addr: SocketAddr,
+    /// Every shard's inbox, indexed by shard id.
+    pub inboxes: Arc<Vec<UnboundedSender<ShardMsg>>>,
+    pub inbox: UnboundedReceiver<ShardMsg>,
+    pub writer: WriterTx,
+    pub policy: Arc<DevicePolicy>,
+    pub stats: Arc<ShardStats>,
+    /// The shard's memory bound (readable by the main thread for metrics).
+    pub budget: ByteBudget,
+}
+
+/// How long connections get, after the shutdown deadline aborted them, to be gone.
+const ABORT_GRACE: Duration = Duration::from_secs(1);
+
+/// The body of a shard thread: bind, report readiness, serve until told to stop.
+///
+/// `ready` is answered once, with the bind result, so `serve` fails loudly if a shard cannot
+/// start. Stopping takes at most `shutdown_timeout` plus [`ABORT_GRACE`]: connections are told
+/// to finish (stop reading, ack what commits); at the deadline, whatever is left is aborted.
+pub async fn run(
+    spec: ShardSpec,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    shutdown_timeout: Duration,
+) {
+    let ShardSpec {
+        shard_id,
+        nr_shards,
+        config,
+        device_addr,
+        inboxes,
+        mut inbox,
+        writer,
+        policy,
+        stats,
+        budget,
+    } = spec;
+    let bound = bind_device_sockets(device_addr)
+        .map_err(|e| format!("shard {shard_id}: cannot bind {device_addr}: {e}"));
+    let (listener, udp) = match bound {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
+    let shard = Rc::new(Shard::new(
+        shard_id,
+        nr_shards,
+        config,
+        inboxes,
+        writer,
+        policy,
+        stats,
+        budget,
+        stop_rx.shared(),
+    ));
+    let _ = ready.send(Ok(()));
+    tracing::info!(shard = shard_id, addr = %device_addr, "Shard listening.");
+
+    let accept = glommio::spawn_local(accept_loop(shard.clone(), listener));
+    let udp = glommio::spawn_local(crate::conn::udp::serve(shard.clone(), Rc::new(udp)));
+    let expiry = glommio::spawn_local(expire_devices(shard.clone()));
+
+    // The inbox: handed-over connections, stored-record counts, policy changes, the order to stop.
+    while let Some(msg) = inbox.next().await {
+        match msg {
+            ShardMsg::Adopt {
+                fd,
+                imei,
+                peer,
+                pending,
+            } => crate::conn::tcp::adopt(&shard, fd, imei, peer, pending),
+            ShardMsg::Stored {
+                imei,
+                records,
+                at_ms,
+            } => shard.stored(imei, records, at_ms),
+            ShardMsg::PolicyChanged => shard.enforce_policy(),
+            ShardMsg::Shutdown => break,
+        }
+    }
+
+    // Stop: no new connections or datagrams; sessions stop reading, in-flight frames commit and
+    // are acked; at the deadline the rest is aborted (unacked frames are resent by devices).
+    let _ = stop_tx.send(());
+    accept.await;
+    udp.await;
+    drop(expiry);
+    shard.cancel_all(Cancel::Graceful(CloseReason::Shutdown));
+    let closed = shard.gate.close().fuse();
+    futures::pin_mut!(closed);
+    if with_timeout(shutdown_timeout, &mut closed).await.is_none() {
+        tracing::warn!(
+            shard = shard_id,
+            connections = shard.conns.borrow().len(),
+            "Shutdown deadline passed with frames still in flight; aborting."
+        );
+        shard.cancel_all(Cancel::Abort(CloseReason::Shutdown));
+        if with_timeout(ABORT_GRACE, &mut closed).await.is_none() {
+            tracing::warn!(
+                shard = shard_id,
+                "Tasks still waiting after the abort; leaving them."
+            );
+        }
+    }
+    tracing::info!(shard = shard_id, "Shard stopped.");
+}
+
+/// Forgets UDP-only devices silent for longer than the idle timeout (TCP devices leave the
+/// table with their connection).
+async fn expire_devices(shard: Rc<Shard>) {
+    let idle = shard.config.idle_timeout();
+    let every = (idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        Timer::new(every).await;
+        let before_ms = (unix_now_us() / 1000) as u64 - idle.as_millis() as u64;
+        shard.devices.borrow_mut().expire(before_ms);
+    }
+}
+
+/// Listen backlog of each shard's listener: a fleet reconnecting after an outage arrives at once.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Receive buffer of each shard's UDP socket. The kernel default (~208 KiB) dropped 5% of the
+/// datagrams of 500 devices with 4 in flight each (tuning/ingest.md), each drop costing a
+/// device a resend after its timeout.
+const UDP_RECV_BUFFER: usize = 8 << 20;
+
+/// Sets the UDP receive buffer: SO_RCVBUFFORCE when privileged (it passes the
+/// `net.core.rmem_max` cap), else SO_RCVBUF (capped; raise the sysctl, see tuning/).
+fn set_udp_receive_buffer(sock: &socket2::Socket, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let v = bytes as libc::c_int;
+    // SAFETY: setsockopt on an open socket with a correctly sized int option.
+    let forced = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        let _ = sock.set_recv_buffer_size(bytes);
+    }
+    let got = sock.recv_buffer_size().unwrap_or(0);
+    if got < bytes {
+        tracing::warn!(
+            wanted = bytes,
+            got,
+            "UDP receive buffer capped by net.core.rmem_max; bursts may drop datagrams."
+        );
+    }
+}
+
+/// This shard's TCP listener and UDP socket on the device address, both SO_REUSEPORT (one of
+/// each per shard; the kernel spreads connections and datagrams over them) and SO_REUSEADDR
+/// (so a restarted gateway can bind while its predecessor's closed connections linger, and so
+/// `serve`'s plain probe bind conflicts only with a live listener).
+fn bind_device_sockets(addr: SocketAddr) -> std::io::Result<(TcpListener, UdpSocket)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let domain = Domain::for_address(addr);
+    let tcp = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    tcp.set_reuse_address(true)?;
+    tcp.set_reuse_port(true)?;
+    tcp.bind(&addr.into())?;
+    tcp.listen(LISTEN_BACKLOG)?;
+    // SAFETY: a bound, listening socket whose ownership moves into the listener.
+    let listener = unsafe { TcpListener::from_raw_fd(tcp.into_raw_fd()) };
+    let udp = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    udp.set_reuse_address(true)?;
+    udp.set_reuse_port(true)?;
+    set_udp_receive_buffer(&udp, UDP_RECV_BUFFER);
+    udp.bind(&addr.into())?;
+    // SAFETY: a bound socket whose ownership moves into the glommio socket.
+    let udp = unsafe { UdpSocket::from_raw_fd(udp.into_raw_fd()) };
+    Ok((listener, udp))
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    let mut errors_logged = 0u64;
+    loop {
+        let accepted = {
+            let stop = shard.stopping.clone();
+            let acc = listener.accept();
+            futures::pin_mut!(acc);
+            match select(acc, stop).await {
+                Either::Left((r, _)) => r,
+                Either::Right(_) => return,
+            }
+        };
+        let stream = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors and the like: counted, logged (not once per failed
+                // accept), and a moment for the system before the next try.
+                ShardStats::inc(&shard.stats.accept_errors);
+                if errors_logged.is_power_of_two() || errors_logged == 0 {
+                    tracing::warn!(shard = shard.id, error = %e, failures = errors_logged + 1, "Accept failed.");
+                }
+                errors_logged += 1;
+                Timer::new(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        ShardStats::inc(&shard.stats.connections_accepted);
+        let Some(conn) = ConnGuard::register(&shard, stream.as_raw_fd()) else {
+            continue; // over the cap: counted and logged; `stream` closes here
+        };
+        spawn_detached(
+            &shard.gate,
+            crate::conn::tcp::accepted(shard.clone(), stream, conn),
+        );
+    }
+}

@@ -1,0 +1,762 @@
+//! PURE: a device's TCP session as a sans-IO state machine (quinn-proto's way).
+//!
+//! The session is handed what happened (bytes read, a commit outcome, a finished write, the
+//! time) and answers with what to do: [`Session::poll_input`] says which item the buffered
+//! bytes hold (a login to decide, AVL records to submit), [`Session::poll_transmit`] what to
+//! write, [`Session::poll_timeout`] when to wake it, and [`Session::finished`] when and why the
+//! connection ends. It owns no socket, buffer, task or clock, so every rule of a session is a
+//! unit test without sockets:
+//!
+//! - login first: pings may precede it; a bad IMEI is answered `00`; anything else closes;
+//! - acks in frame order, each only after its frame's commit; after a refused frame nothing
+//!   more is acked (acks are positional) and the session ends;
+//! - at most `max_frames_in_flight` frames between decode and their ack being written: beyond
+//!   that the session asks for no more input, which stops the device;
+//! - the login timeout, the idle timeout (only while neither side owes the other anything),
+//!   and the write timeout (a device that does not read its acks);
+//! - closing: graceful (stop reading, ack what commits, then end) or at once (replaced,
+//!   disabled, shutdown deadline), each with a typed [`CloseReason`].
+//!
+//! The glommio driver around it (`conn::tcp`) only moves bytes and waits.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crate::protocol::imei::{LOGIN_ACCEPT, LOGIN_REJECT};
+use crate::protocol::{
+    decode_frame, encode_record_ack, AvlData, CommandFrame, DecodeError, Frame, Imei, Status,
+};
+use crate::sink::WriteOutcome;
+
+/// The limits a session works within.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionConfig {
+    pub max_frame_len: u32,
+    pub max_frames_in_flight: usize,
+    pub login_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub write_timeout: Duration,
+}
+
+/// Why a session ended. `Display` is the text stored in `device_sessions.reason`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    ClosedByPeer,
+    ReadError,
+    LoginTimeout,
+    /// The login was not a valid IMEI (answered `00`).
+    BadLogin(DecodeError),
+    /// The device policy refused the IMEI (answered `00`).
+    LoginRefused,
+    /// A complete non-login item arrived before the login.
+    DataBeforeLogin,
+    BadFrame(DecodeError),
+    SecondLogin,
+    IdleTimeout,
+    /// An ack could not be written in `write_timeout`: the device does not read.
+    WriteTimeout,
+    WriteFailed,
+    /// The database refused a frame's records for good.
+    RecordsRefused,
+    /// The writer is gone (the gateway is failing).
+    WriterGone,
+    Replaced,
+    DeviceDisabled,
+    Shutdown,
+    /// The shard refused to adopt the connection (its connection cap).
+    ConnectionLimit,
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::ClosedByPeer => f.write_str("closed by peer"),
+            CloseReason::ReadError => f.write_str("read error"),
+            CloseReason::LoginTimeout => f.write_str("login timeout"),
+            CloseReason::BadLogin(e) => write!(f, "bad login: {e}"),
+            CloseReason::LoginRefused => f.write_str("login refused by the device policy"),
+            CloseReason::DataBeforeLogin => f.write_str("data before login"),
+            CloseReason::BadFrame(e) => write!(f, "bad frame: {e}"),
+            CloseReason::SecondLogin => f.write_str("second login on a session"),
+            CloseReason::IdleTimeout => f.write_str("idle timeout"),
+            CloseReason::WriteTimeout => f.write_str("write timeout: device does not read"),
+            CloseReason::WriteFailed => f.write_str("ack write failed"),
+            CloseReason::RecordsRefused => f.write_str("records refused by the database"),
+            CloseReason::WriterGone => f.write_str("writer unavailable"),
+            CloseReason::Replaced => f.write_str("replaced by a new connection"),
+            CloseReason::DeviceDisabled => f.write_str("device disabled"),
+            CloseReason::Shutdown => f.write_str("gateway shutdown"),
+            CloseReason::ConnectionLimit => f.write_str("connection limit reached"),
+        }
+    }
+}
+
+impl CloseReason {
+    /// A short stable name, for metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CloseReason::ClosedByPeer => "closed_by_peer",
+            CloseReason::ReadError => "read_error",
+            CloseReason::LoginTimeout => "login_timeout",
+            CloseReason::BadLogin(_) => "bad_login",
+            CloseReason::LoginRefused => "login_refused",
+            CloseReason::DataBeforeLogin => "data_before_login",
+            CloseReason::BadFrame(_) => "bad_frame",
+            CloseReason::SecondLogin => "second_login",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::WriteTimeout => "write_timeout",
+            CloseReason::WriteFailed => "write_failed",
+            CloseReason::RecordsRefused => "records_refused",
+            CloseReason::WriterGone => "writer_gone",
+            CloseReason::Replaced => "replaced",
+            CloseReason::DeviceDisabled => "device_disabled",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::ConnectionLimit => "connection_limit",
+        }
+    }
+}
+
+/// What the buffered bytes hold, from [`Session::poll_input`]. `used` bytes of the buffer
+/// belong to the item: the driver consumes them once it has handled it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Input<'a> {
+    /// Nothing to do until more bytes arrive.
+    NeedBytes,
+    /// Reading is paused: frames in flight are at the limit, or the session is closing.
+    Paused,
+    /// A keep-alive byte.
+    Ping { used: usize },
+    /// The login: answer [`Session::accept_login`] or [`Session::refuse_login`] (or hand the
+    /// connection to the device's owning shard, which accepts it there).
+    Login { imei: Imei, used: usize },
+    /// AVL records to submit to the writer; report the outcome with [`Session::on_commit`]
+    /// and this `seq`.
+    Avl {
+        seq: u64,
+        avl: AvlData<'a>,
+        used: usize,
+    },
+    /// A command-family frame from the device (a response to a command).
+    Command {
+        frame: CommandFrame<'a>,
+        used: usize,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    AwaitLogin,
+    /// A login was decoded; the driver decides.
+    LoginReceived(Imei),
+    Active(Imei),
+    /// No more input; acks of frames that commit still go out, then the session ends.
+    Draining(CloseReason),
+    /// Ends as soon as what is being written is written.
+    Closing(CloseReason),
+}
+
+#[derive(Debug)]
+struct Pending {
+    seq: u64,
+    records: u32,
+    outcome: Option<WriteOutcome>,
+}
+
+/// Counters of one session (the device's live statistics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub frames: u64,
+    pub records_acked: u64,
+}
+
+/// One device connection's protocol state. See the module doc.
+#[derive(Debug)]
+pub struct Session {
+    cfg: SessionConfig,
+    state: State,
+    started: Instant,
+    last_input: Instant,
+    /// Frames decoded and not yet acked, in wire order.
+    pending: VecDeque<Pending>,
+    next_seq: u64,
+    /// Bytes waiting for [`Session::poll_transmit`].
+    out: Vec<u8>,
+    /// A write is under way since this instant; `frames_writing` acks are in it.
+    writing_since: Option<Instant>,
+    frames_writing: usize,
+    stats: SessionStats,
+}
+
+impl Session {
+    /// A connection just accepted: it must log in within the login timeout.
+    pub fn new(cfg: SessionConfig, now: Instant) -> Session {
+        Session {
+            cfg,
+            state: State::AwaitLogin,
+            started: now,
+            last_input: now,
+            pending: VecDeque::new(),
+            next_seq: 0,
+            out: Vec::new(),
+            writing_since: None,
+            frames_writing: 0,
+            stats: SessionStats::default(),
+        }
+    }
+
+    /// A connection whose login another shard read and checked: the owning shard accepts it
+    /// with [`Session::accept_login`].
+    pub fn handed_over(cfg: SessionConfig, imei: Imei, now: Instant) -> Session {
+        let mut s = Session::new(cfg, now);
+        s.state = State::LoginReceived(imei);
+        s
+    }
+
+    /// The logged-in (or logging-in) device.
+    pub fn imei(&self) -> Option<Imei> {
+        match self.state {
+            State::LoginReceived(i) | State::Active(i) => Some(i),
+            _ => None,
+        }
+    }
+
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+
+    /// When the connection was accepted.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Frames between decode and their ack written.
+    pub fn frames_in_flight(&self) -> usize {
+        self.pending.len() + self.frames_writing
+    }
+
+    /// Whether the session wants bytes from the socket now.
+    pub fn wants_input(&self) -> bool {
+        match self.state {
+            State::AwaitLogin => true,
+            State::Active(_) => self.frames_in_flight() < self.cfg.max_frames_in_flight,
+            _ => false,
+        }
+    }
+
+    /// `n` bytes were read from the socket.
+    pub fn on_bytes_read(&mut self, n: usize, now: Instant) {
+        self.stats.bytes_received += n as u64;
+        self.last_input = now;
+    }
+
+    /// The device closed its side (or the read failed): no more input. What commits is still
+    /// acked, as long as the socket takes writes.
+    pub fn on_read_end(&mut self, reason: CloseReason) {
+        self.drain(reason);
+    }
+
+    /// Decodes the next item of `buf` (the bytes read and not yet consumed).
+    pub fn poll_input<'a>(&mut self, buf: &'a [u8]) -> Input<'a> {
+        if !self.wants_input() {
+            return Input::Paused;
+        }
+        let item = match decode_frame(buf, self.cfg.max_frame_len) {
+            Ok(Status::Partial(_)) => return Input::NeedBytes,
+            Ok(Status::Complete(item)) => item,
+            Err(e) => {
+                let reason = match (self.state, e) {
+                    (State::AwaitLogin, DecodeError::InvalidImei | DecodeError::LoginLength(_)) => {
+                        self.out.push(LOGIN_REJECT);
+                        CloseReason::BadLogin(e)
+                    }
+                    _ => CloseReason::BadFrame(e),
+                };
+                self.drain(reason);
+                return Input::Paused;
+            }
+        };
+        match (self.state, item) {
+            (_, (Frame::Ping, used)) => Input::Ping { used },
+            (State::AwaitLogin, (Frame::Login(imei), used)) => {
+                self.state = State::LoginReceived(imei);
+                Input::Login { imei, used }
+            }
+            (State::AwaitLogin, _) => {
+                self.close_now(CloseReason::DataBeforeLogin);
+                Input::Paused
+            }
+            (_, (Frame::Login(_), _)) => {
+                self.drain(CloseReason::SecondLogin);
+                Input::Paused
+            }
+            (_, (Frame::Avl(avl), used)) => {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                self.stats.frames += 1;
+                self.pending.push_back(Pending {
+                    seq,
+                    records: avl.count() as u32,
+                    outcome: None,
+                });
+                Input::Avl { seq, avl, used }
+            }
+            (_, (Frame::Command(frame), used)) => Input::Command { frame, used },
+        }
+    }
+
+    /// Accepts the login: answers `01`; the device may send records.
+    pub fn accept_login(&mut self, now: Instant) {
+        if let State::LoginReceived(imei) = self.state {
+            self.state = State::Active(imei);
+            self.out.push(LOGIN_ACCEPT);
+            self.last_input = now;
+        }
+    }
+
+    /// Refuses the login: answers `00`, then ends.
+    pub fn refuse_login(&mut self) {
+        if let State::LoginReceived(_) = self.state {
+            self.out.push(LOGIN_REJECT);
+            self.drain(CloseReason::LoginRefused);
+        }
+    }
+
+    /// The writer's answer for frame `seq`.
+    pub fn on_commit(&mut self, seq: u64, outcome: WriteOutcome) {
+        if let Some(p) = self.pending.iter_mut().find(|p| p.seq == seq) {
+            p.outcome = Some(outcome);
+        }
+        // Acks are positional: committed frames at the front are acked; a failed one at the
+        // front ends the session (nothing after it may be acked).
+        while let Some(front) = self.pending.front() {
+            match front.outcome {
+                Some(WriteOutcome::Committed) => {
+                    let p = self.pending.pop_front().expect("front");
+                    self.out.extend_from_slice(&encode_record_ack(p.records));
+                    self.stats.records_acked += p.records as u64;
+                    self.frames_writing += 1;
+                }
+                Some(WriteOutcome::Failed) => {
+                    self.pending.clear();
+                    self.close_now(CloseReason::RecordsRefused);
+                    break;
+                }
+                None => break,
+            }
+        }
+        self.maybe_finish_draining();
+    }
+
+    /// Bytes to write now, appended to `buf`; `false` when there is nothing to write or a
+    /// write is still under way. Report its end with [`Session::on_write_done`].
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> bool {
+        if self.writing_since.is_some() || self.out.is_empty() {
+            return false;
+        }
+        buf.extend_from_slice(&self.out);
+        self.stats.bytes_sent += self.out.len() as u64;
+        self.out.clear();
+        self.writing_since = Some(now);
+        true
+    }
+
+    /// The write from [`Session::poll_transmit`] ended.
+    pub fn on_write_done(&mut self, ok: bool) {
+        self.writing_since = None;
+        self.frames_writing = 0;
+        if !ok {
+            self.close_now(CloseReason::WriteFailed);
+        }
+        self.maybe_finish_draining();
+    }
+
+    /// When [`Session::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let write = self.writing_since.map(|t| t + self.cfg.write_timeout);
+        let own = match self.state {
+            State::AwaitLogin => Some(self.started + self.cfg.login_timeout),
+            // Idle only while nobody owes anybody: frames waiting for a commit or an ack write
+            // are the gateway's delay, not the device's silence.
+            State::Active(_) if self.frames_in_flight() == 0 => {
+                Some(self.last_input + self.cfg.idle_timeout)
+            }
+            _ => None,
+        };
+        match (write, own) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Time has passed: closes the session if a timeout has run out.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self
+            .writing_since
+            .is_some_and(|t| now >= t + self.cfg.write_timeout)
+        {
+            // The driver drops the stuck write when it sees the session finished.
+            self.abort(CloseReason::WriteTimeout);
+            return;
+        }
+        match self.state {
+            State::AwaitLogin if now >= self.started + self.cfg.login_timeout => {
+                self.close_now(CloseReason::LoginTimeout)
+            }
+            State::Active(_)
+                if self.frames_in_flight() == 0
+                    && now >= self.last_input + self.cfg.idle_timeout =>
+            {
+                self.close_now(CloseReason::IdleTimeout)
+            }
+            _ => {}
+        }
+    }
+
+    /// Frame `seq`, the last one decoded, was never submitted (the session was cancelled while
+    /// it waited for room): it is forgotten, unacked. Only while the session is ending, so no
+    /// later frame can need a positional ack after it.
+    pub fn withdraw(&mut self, seq: u64) {
+        debug_assert!(self.closing().is_some());
+        self.pending.retain(|p| p.seq != seq);
+        self.maybe_finish_draining();
+    }
+
+    /// Stops reading; frames already submitted are still acked as they commit, then the
+    /// session ends (gateway shutdown).
+    pub fn close(&mut self, reason: CloseReason) {
+        self.drain(reason);
+    }
+
+    /// Ends the session at once: no more acks (replaced, disabled, a deadline passed).
+    pub fn abort(&mut self, reason: CloseReason) {
+        self.pending.clear();
+        self.out.clear();
+        self.writing_since = None;
+        self.frames_writing = 0;
+        self.state = State::Closing(reason);
+    }
+
+    /// `Some(reason)` once the session is over and nothing is left to write: the driver closes
+    /// the socket.
+    pub fn finished(&self) -> Option<CloseReason> {
+        match self.state {
+            State::Closing(r) if self.out.is_empty() && self.writing_since.is_none() => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Why the session is ending, once it is.
+    pub fn closing(&self) -> Option<CloseReason> {
+        match self.state {
+            State::Draining(r) | State::Closing(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    fn drain(&mut self, reason: CloseReason) {
+        match self.state {
+            State::Draining(_) | State::Closing(_) => {}
+            State::Active(_) => self.state = State::Draining(reason),
+            // Nothing can be in flight before the login is accepted.
+            _ => self.state = State::Closing(reason),
+        }
+        self.maybe_finish_draining();
+    }
+
+    fn close_now(&mut self, reason: CloseReason) {
+        if !matches!(self.state, State::Closing(_)) {
+            self.state = State::Closing(reason);
+        }
+        self.pending.clear();
+    }
+
+    fn maybe_finish_draining(&mut self) {
+        if let State::Draining(r) = self.state {
+            if self.pending.is_empty() {
+                self.state = State::Closing(r);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::imei::encode_login;
+    use crate::protocol::tcp::encode_avl_frame;
+    use crate::protocol::{Codec, OwnedIoValue, Record};
+
+    const IMEI: u64 = 356_307_042_441_013;
+
+    fn cfg() -> SessionConfig {
+        SessionConfig {
+            max_frame_len: 4096,
+            max_frames_in_flight: 3,
+            login_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(600),
+            write_timeout: Duration::from_secs(30),
+        }
+    }
+
+    fn login() -> Vec<u8> {
+        let mut b = Vec::new();
+        encode_login(Imei::new(IMEI).unwrap(), &mut b);
+        b
+    }
+
+    fn avl_frame(records: usize) -> Vec<u8> {
+        let recs: Vec<Record> = (0..records)
+            .map(|i| Record {
+                ts_ms: 1_700_000_000_000 + i as u64,
+                priority: 0,
+                lon: 0,
+                lat: 0,
+                alt: 0,
+                angle: 0,
+                sats: 0,
+                speed: 0,
+                event_io: 0,
+                gen_type: None,
+                io: vec![(1, OwnedIoValue::U8(1))],
+            })
+            .collect();
+        let mut out = Vec::new();
+        encode_avl_frame(Codec::C8, &recs, &mut out).unwrap();
+        out
+    }
+
+    /// What the session writes now (and the write finishing at once).
+    fn written(s: &mut Session, now: Instant) -> Vec<u8> {
+        let mut buf = Vec::new();
+        if s.poll_transmit(now, &mut buf) {
+            s.on_write_done(true);
+        }
+        buf
+    }
+
+    /// A session logged in as IMEI, its `01` written.
+    fn active(t0: Instant) -> Session {
+        let mut s = Session::new(cfg(), t0);
+        let l = login();
+        assert!(matches!(s.poll_input(&l), Input::Login { .. }));
+        s.accept_login(t0);
+        assert_eq!(written(&mut s, t0), [1]);
+        s
+    }
+
+    /// Feeds one AVL frame; returns its seq.
+    fn feed(s: &mut Session, records: usize) -> u64 {
+        match s.poll_input(&avl_frame(records)) {
+            Input::Avl { seq, .. } => seq,
+            other => panic!("expected an AVL frame, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pings_before_the_login_then_the_login_is_decided_by_the_driver() {
+        let t0 = Instant::now();
+        let mut s = Session::new(cfg(), t0);
+        assert_eq!(s.poll_input(&[0xFF]), Input::Ping { used: 1 });
+        let l = login();
+        assert_eq!(s.poll_input(&l[..5]), Input::NeedBytes);
+        assert_eq!(
+            s.poll_input(&l),
+            Input::Login {
+                imei: Imei::new(IMEI).unwrap(),
+                used: l.len()
+            }
+        );
+        assert_eq!(s.poll_input(&[]), Input::Paused, "no input until decided");
+        s.refuse_login();
+        assert_eq!(written(&mut s, t0), [0]);
+        assert_eq!(s.finished(), Some(CloseReason::LoginRefused));
+    }
+
+    #[test]
+    fn a_bad_imei_is_answered_00_and_garbage_or_data_before_login_closes() {
+        let t0 = Instant::now();
+        let mut s = Session::new(cfg(), t0);
+        assert_eq!(s.poll_input(b"\x00\x0f12345678901234x"), Input::Paused);
+        assert_eq!(written(&mut s, t0), [0]);
+        assert!(matches!(s.finished(), Some(CloseReason::BadLogin(_))));
+
+        let mut s = Session::new(cfg(), t0);
+        assert_eq!(s.poll_input(b"\x00\x00\x01\x00"), Input::Paused);
+        assert_eq!(
+            s.finished(),
+            Some(CloseReason::BadFrame(DecodeError::BadPreamble))
+        );
+
+        let mut s = Session::new(cfg(), t0);
+        assert_eq!(s.poll_input(&avl_frame(1)), Input::Paused);
+        assert_eq!(s.finished(), Some(CloseReason::DataBeforeLogin));
+        assert!(written(&mut s, t0).is_empty());
+    }
+
+    #[test]
+    fn acks_go_out_in_frame_order_only_after_each_commit() {
+        let t0 = Instant::now();
+        let mut s = active(t0);
+        let a = feed(&mut s, 2);
+        let b = feed(&mut s, 3);
+        assert!(written(&mut s, t0).is_empty(), "nothing before a commit");
+        s.on_commit(b, WriteOutcome::Committed);
+        assert!(written(&mut s, t0).is_empty(), "b waits for a");
+        s.on_commit(a, WriteOutcome::Committed);
+        assert_eq!(written(&mut s, t0), [0, 0, 0, 2, 0, 0, 0, 3]);
+        assert_eq!(s.stats().records_acked, 5);
+        assert_eq!(s.finished(), None);
+    }
+
+    #[test]
+    fn after_a_refused_frame_nothing_more_is_acked_and_the_session_ends() {
+        let t0 = Instant::now();
+        let mut s = active(t0);
+        let a = feed(&mut s, 1);
+        let b = feed(&mut s, 1);
+        let c = feed(&mut s, 1);
+        s.on_commit(a, WriteOutcome::Committed);
+        s.on_commit(c, WriteOutcome::Committed);
+        s.on_commit(b, WriteOutcome::Failed);
+        assert_eq!(written(&mut s, t0), [0, 0, 0, 1], "only a");
+        assert_eq!(s.finished(), Some(CloseReason::RecordsRefused));
+    }
+
+    #[test]
+    fn input_pauses_at_the_in_flight_limit_until_acks_are_written() {
+        let t0 = Instant::now();
+        let mut s = active(t0);
+        let seqs: Vec<u64> = (0..3).map(|_| feed(&mut s, 1)).collect();
+        assert!(!s.wants_input());
+        assert_eq!(s.poll_input(&avl_frame(1)), Input::Paused);
+        s.on_commit(seqs[0], WriteOutcome::Committed);
+        let mut buf = Vec::new();
+        assert!(s.poll_transmit(t0, &mut buf));
+        assert!(!s.wants_input(), "an ack being written still counts");
+        s.on_write_done(true);
+        assert!(s.wants_input());
+    }
+
+    #[test]
+    fn one_write_at_a_time_and_a_device_that_does_not_read_times_out() {
+        let t0 = Instant::now();
+        let mut s = active(t0);
+        let a = feed(&mut s, 1);
+        let b = feed(&mut s, 1);
+        s.on_commit(a, WriteOutcome::Committed);
+        let mut buf = Vec::new();
+        assert!(s.poll_transmit(t0, &mut buf));
+        s.on_commit(b, WriteOutcome::Committed);
+        assert!(
+            !s.poll_transmit(t0, &mut buf),
+            "second ack waits for the first write"
+        );
+        let deadline = s.poll_timeout().unwrap();
+        assert_eq!(deadline, t0 + cfg().write_timeout);
+        s.handle_timeout(deadline - Duration::from_millis(1));
+        assert_eq!(s.finished(), None);
+        s.handle_timeout(deadline);
+        assert_eq!(s.finished(), Some(CloseReason::WriteTimeout));
+    }
+
+    #[test]
+    fn login_and_idle_timeouts() {
+        let t0 = Instant::now();
+        let mut s = Session::new(cfg(), t0);
+        assert_eq!(s.poll_timeout(), Some(t0 + cfg().login_timeout));
+        s.handle_timeout(t0 + Duration::from_secs(29));
+        assert_eq!(s.finished(), None);
+        s.handle_timeout(t0 + cfg().login_timeout);
+        assert_eq!(s.finished(), Some(CloseReason::LoginTimeout));
+
+        let mut s = active(t0);
+        let t1 = t0 + Duration::from_secs(100);
+        s.on_bytes_read(10, t1);
+        assert_eq!(s.poll_timeout(), Some(t1 + cfg().idle_timeout));
+        // While a frame waits for its commit the device is not idle, however long it takes.
+        let a = feed(&mut s, 1);
+        assert_eq!(s.poll_timeout(), None);
+        s.handle_timeout(t1 + Duration::from_secs(10_000));
+        assert_eq!(s.finished(), None);
+        s.on_commit(a, WriteOutcome::Committed);
+        written(&mut s, t1);
+        s.handle_timeout(t1 + cfg().idle_timeout);
+        assert_eq!(s.finished(), Some(CloseReason::IdleTimeout));
+    }
+
+    #[test]
+    fn graceful_close_acks_what_commits_then_ends_and_abort_ends_at_once() {
+        let t0 = Instant::now();
+        let mut s = active(t0);
+        let a = feed(&mut s, 4);
+        s.close(CloseReason::Shutdown);
+        assert!(!s.wants_input());
+        assert_eq!(s.finished(), None, "a frame is still in flight");
+        s.on_commit(a, WriteOutcome::Committed);
+        assert_eq!(written(&mut s, t0), [0, 0, 0, 4]);
+        assert_eq!(s.finished(), Some(CloseReason::Shutdown));
+
+        let mut s = active(t0);
+        let a = feed(&mut s, 4);
+        s.abort(CloseReason::Replaced);
+        assert_eq!(s.finished(), Some(CloseReason::Replaced));
+        s.on_commit(a, WriteOutcome::Committed);
+        assert!(written(&mut s, t0).is_empty(), "no ack after an abort");
+    }
+
+    #[test]
+    fn a_frame_withdrawn_while_closing_is_never_acked() {
+        let t0 = Instant::now();
+        let mut s = active(t0);
+        let a = feed(&mut s, 1);
+        let b = feed(&mut s, 1);
+        s.close(CloseReason::Shutdown);
+        s.withdraw(b);
+        s.on_commit(a, WriteOutcome::Committed);
+        assert_eq!(written(&mut s, t0), [0, 0, 0, 1]);
+        assert_eq!(s.finished(), Some(CloseReason::Shutdown));
+    }
+
+    #[test]
+    fn the_peer_closing_still_gets_its_committed_acks() {
+        let t0 = Instant::now();
+        let mut s = active(t0);
+        let a = feed(&mut s, 1);
+        s.on_read_end(CloseReason::ClosedByPeer);
+        s.on_commit(a, WriteOutcome::Committed);
+        assert_eq!(written(&mut s, t0), [0, 0, 0, 1]);
+        assert_eq!(s.finished(), Some(CloseReason::ClosedByPeer));
+    }
+
+    #[test]
+    fn a_second_login_or_a_bad_frame_ends_the_session() {
+        let t0 = Instant::now();
+        let mut s = active(t0);
+        assert_eq!(s.poll_input(&login()), Input::Paused);
+        assert_eq!(s.finished(), Some(CloseReason::SecondLogin));
+
+        let mut s = active(t0);
+        let mut f = avl_frame(1);
+        let n = f.len();
+        f[n - 1] ^= 1;
+        assert_eq!(s.poll_input(&f), Input::Paused);
+        assert!(matches!(
+            s.finished(),
+            Some(CloseReason::BadFrame(DecodeError::Crc { .. }))
+        ));
+    }
+
+    #[test]
+    fn a_handed_over_session_is_accepted_by_its_owner() {
+        let t0 = Instant::now();
+        let imei = Imei::new(IMEI).unwrap();
+        let mut s = Session::handed_over(cfg(), imei, t0);
+        assert_eq!(s.imei(), Some(imei));
+        s.accept_login(t0);
+        assert_eq!(written(&mut s, t0), [1]);
+        assert!(matches!(s.poll_input(&avl_frame(1)), Input::Avl { .. }));
+    }
+}
