@@ -69,7 +69,7 @@ pub async fn run(
         stats,
         budget,
     } = spec;
-    let bound = bind_device_sockets(device_addr)
+    let bound = bind_device_sockets(device_addr, &config)
         .map_err(|e| format!("shard {shard_id}: cannot bind {device_addr}: {e}"));
     let (listener, udp) = match bound {
         Ok(x) => x,
@@ -149,18 +149,10 @@ async fn expire_devices(shard: Rc<Shard>) {
     let every = (idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
     loop {
         Timer::new(every).await;
-        let before_ms = (unix_now_us() / 1000) as u64 - idle.as_millis() as u64;
+        let before_ms = ((unix_now_us() / 1000) as u64).saturating_sub(idle.as_millis() as u64);
         shard.devices.borrow_mut().expire(before_ms);
     }
 }
-
-/// Listen backlog of each shard's listener: a fleet reconnecting after an outage arrives at once.
-const LISTEN_BACKLOG: i32 = 4096;
-
-/// Receive buffer of each shard's UDP socket. The kernel default (~208 KiB) dropped 5% of the
-/// datagrams of 500 devices with 4 in flight each (tuning/ingest.md), each drop costing a
-/// device a resend after its timeout.
-const UDP_RECV_BUFFER: usize = 8 << 20;
 
 /// Sets the UDP receive buffer: SO_RCVBUFFORCE when privileged (it passes the
 /// `net.core.rmem_max` cap), else SO_RCVBUF (capped; raise the sysctl, see tuning/).
@@ -194,7 +186,10 @@ fn set_udp_receive_buffer(sock: &socket2::Socket, bytes: usize) {
 /// each per shard; the kernel spreads connections and datagrams over them) and SO_REUSEADDR
 /// (so a restarted gateway can bind while its predecessor's closed connections linger, and so
 /// `serve`'s plain probe bind conflicts only with a live listener).
-fn bind_device_sockets(addr: SocketAddr) -> std::io::Result<(TcpListener, UdpSocket)> {
+fn bind_device_sockets(
+    addr: SocketAddr,
+    cfg: &Config,
+) -> std::io::Result<(TcpListener, UdpSocket)> {
     use socket2::{Domain, Protocol, Socket, Type};
     use std::os::fd::{FromRawFd, IntoRawFd};
     let domain = Domain::for_address(addr);
@@ -202,13 +197,13 @@ fn bind_device_sockets(addr: SocketAddr) -> std::io::Result<(TcpListener, UdpSoc
     tcp.set_reuse_address(true)?;
     tcp.set_reuse_port(true)?;
     tcp.bind(&addr.into())?;
-    tcp.listen(LISTEN_BACKLOG)?;
+    tcp.listen(cfg.listen_backlog)?;
     // SAFETY: a bound, listening socket whose ownership moves into the listener.
     let listener = unsafe { TcpListener::from_raw_fd(tcp.into_raw_fd()) };
     let udp = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
     udp.set_reuse_address(true)?;
     udp.set_reuse_port(true)?;
-    set_udp_receive_buffer(&udp, UDP_RECV_BUFFER);
+    set_udp_receive_buffer(&udp, cfg.udp_recv_buffer_bytes);
     udp.bind(&addr.into())?;
     // SAFETY: a bound socket whose ownership moves into the glommio socket.
     let udp = unsafe { UdpSocket::from_raw_fd(udp.into_raw_fd()) };

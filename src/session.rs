@@ -182,8 +182,9 @@ pub struct Session {
     /// Frames decoded and not yet acked, in wire order.
     pending: VecDeque<Pending>,
     next_seq: u64,
-    /// Bytes waiting for [`Session::poll_transmit`].
+    /// Bytes waiting for [`Session::poll_transmit`]; `frames_queued` acks are in them.
     out: Vec<u8>,
+    frames_queued: usize,
     /// A write is under way since this instant; `frames_writing` acks are in it.
     writing_since: Option<Instant>,
     frames_writing: usize,
@@ -201,6 +202,7 @@ impl Session {
             pending: VecDeque::new(),
             next_seq: 0,
             out: Vec::new(),
+            frames_queued: 0,
             writing_since: None,
             frames_writing: 0,
             stats: SessionStats::default(),
@@ -234,7 +236,7 @@ impl Session {
 
     /// Frames between decode and their ack written.
     pub fn frames_in_flight(&self) -> usize {
-        self.pending.len() + self.frames_writing
+        self.pending.len() + self.frames_queued + self.frames_writing
     }
 
     /// Whether the session wants bytes from the socket now.
@@ -337,7 +339,7 @@ impl Session {
                     let p = self.pending.pop_front().expect("front");
                     self.out.extend_from_slice(&encode_record_ack(p.records));
                     self.stats.records_acked += p.records as u64;
-                    self.frames_writing += 1;
+                    self.frames_queued += 1;
                 }
                 Some(WriteOutcome::Failed) => {
                     self.pending.clear();
@@ -359,6 +361,7 @@ impl Session {
         buf.extend_from_slice(&self.out);
         self.stats.bytes_sent += self.out.len() as u64;
         self.out.clear();
+        self.frames_writing = std::mem::take(&mut self.frames_queued);
         self.writing_since = Some(now);
         true
     }
@@ -434,6 +437,7 @@ impl Session {
     pub fn abort(&mut self, reason: CloseReason) {
         self.pending.clear();
         self.out.clear();
+        self.frames_queued = 0;
         self.writing_since = None;
         self.frames_writing = 0;
         self.state = State::Closing(reason);
@@ -638,6 +642,22 @@ mod tests {
         assert!(!s.wants_input(), "an ack being written still counts");
         s.on_write_done(true);
         assert!(s.wants_input());
+
+        // Acks queued behind a write in progress count too, until their own write is done.
+        let more = feed(&mut s, 1);
+        s.on_commit(seqs[1], WriteOutcome::Committed);
+        assert!(s.poll_transmit(t0, &mut buf));
+        s.on_commit(seqs[2], WriteOutcome::Committed);
+        s.on_commit(more, WriteOutcome::Committed);
+        assert!(
+            !s.wants_input(),
+            "one ack being written, two queued behind it"
+        );
+        s.on_write_done(true);
+        assert_eq!(s.frames_in_flight(), 2, "two acks not written yet");
+        assert!(s.poll_transmit(t0, &mut buf));
+        s.on_write_done(true);
+        assert_eq!(s.frames_in_flight(), 0);
     }
 
     #[test]
