@@ -41,11 +41,19 @@ pub struct Config {
     /// Seconds one write of acks may take before the device is taken for one that does not
     /// read, and closed.
     pub write_timeout_s: u64,
+    /// Seconds a device may take to answer a command before it is sent again (or failed).
+    pub command_timeout_s: u64,
     /// Most open device connections per shard; more are refused at accept and at hand-over.
     pub max_connections_per_shard: usize,
     /// Listen backlog of each shard's TCP listener: a fleet reconnecting after an outage
     /// arrives at once (the kernel caps it at net.core.somaxconn).
     pub listen_backlog: i32,
+    /// Kernel send and receive buffer of each device connection, in bytes (0: the kernel's
+    /// autotuning). Trackers send little and receive less: capping them bounds the kernel's
+    /// memory per connection at fleet scale (see tuning/), and a small send buffer finds a
+    /// device that does not read its acks sooner.
+    pub tcp_send_buffer_bytes: usize,
+    pub tcp_recv_buffer_bytes: usize,
     /// Receive buffer of each shard's UDP socket. The kernel default (~208 KiB) dropped 5% of
     /// the datagrams of 500 devices with 4 in flight each (tuning/ingest.md).
     pub udp_recv_buffer_bytes: usize,
@@ -99,8 +107,11 @@ impl Default for Config {
             login_timeout_s: 30,
             idle_timeout_s: 600,
             write_timeout_s: 30,
+            command_timeout_s: 30,
             max_connections_per_shard: 50_000,
             listen_backlog: 4096,
+            tcp_send_buffer_bytes: 0,
+            tcp_recv_buffer_bytes: 0,
             udp_recv_buffer_bytes: 8 << 20,
             max_frames_in_flight_per_connection: 16,
             max_bytes_in_flight_per_shard: 64 << 20,
@@ -165,8 +176,17 @@ impl Config {
         if !(64..=MAX_FRAME_LEN_LIMIT).contains(&self.max_frame_len) {
             return bad("max_frame_len must be 64 to 1048576 bytes");
         }
-        if self.login_timeout_s == 0 || self.idle_timeout_s == 0 || self.write_timeout_s == 0 {
-            return bad("login_timeout_s, idle_timeout_s and write_timeout_s must be positive");
+        if [
+            self.login_timeout_s,
+            self.idle_timeout_s,
+            self.write_timeout_s,
+            self.command_timeout_s,
+        ]
+        .contains(&0)
+        {
+            return bad(
+                "login_timeout_s, idle_timeout_s, write_timeout_s and command_timeout_s must be positive",
+            );
         }
         if self.max_connections_per_shard == 0 {
             return bad("max_connections_per_shard must be positive");
@@ -200,6 +220,9 @@ impl Config {
     }
     pub fn write_timeout(&self) -> Duration {
         Duration::from_secs(self.write_timeout_s)
+    }
+    pub fn command_timeout(&self) -> Duration {
+        Duration::from_secs(self.command_timeout_s)
     }
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_s)

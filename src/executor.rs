@@ -210,6 +210,20 @@ fn bind_device_sockets(
     Ok((listener, udp))
 }
 
+/// The configured kernel buffers of a device connection (kept through a hand-over: the
+/// duplicated descriptor is the same socket).
+fn set_buffers(stream: &glommio::net::TcpStream, cfg: &Config) {
+    // SAFETY: the descriptor is open for the whole call (the stream is borrowed).
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    let sock = socket2::SockRef::from(&fd);
+    if cfg.tcp_send_buffer_bytes > 0 {
+        let _ = sock.set_send_buffer_size(cfg.tcp_send_buffer_bytes);
+    }
+    if cfg.tcp_recv_buffer_bytes > 0 {
+        let _ = sock.set_recv_buffer_size(cfg.tcp_recv_buffer_bytes);
+    }
+}
+
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     let mut errors_logged = 0u64;
     loop {
@@ -237,6 +251,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
             }
         };
         ShardStats::inc(&shard.stats.connections_accepted);
+        set_buffers(&stream, &shard.config);
         let Some(conn) = ConnGuard::register(&shard, stream.as_raw_fd()) else {
             continue; // over the cap: counted and logged; `stream` closes here
         };

@@ -23,6 +23,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use crate::protocol::command::{TYPE_REFUSED, TYPE_RESPONSE};
 use crate::protocol::imei::{LOGIN_ACCEPT, LOGIN_REJECT};
 use crate::protocol::{
     decode_frame, encode_record_ack, AvlData, CommandFrame, DecodeError, Frame, Imei, Status,
@@ -37,6 +38,8 @@ pub struct SessionConfig {
     pub login_timeout: Duration,
     pub idle_timeout: Duration,
     pub write_timeout: Duration,
+    /// How long the device may take to answer a command.
+    pub command_timeout: Duration,
 }
 
 /// Why a session ended. `Display` is the text stored in `device_sessions.reason`.
@@ -137,7 +140,14 @@ pub enum Input<'a> {
         avl: AvlData<'a>,
         used: usize,
     },
-    /// A command-family frame from the device (a response to a command).
+    /// The device's answer to the command in flight (a response, or a Codec 14 refusal).
+    CommandAnswer {
+        id: i64,
+        frame: CommandFrame<'a>,
+        used: usize,
+    },
+    /// A command-family frame that answers nothing (a Codec 13/15 message, camera data, or a
+    /// response when no command is in flight).
     Command {
         frame: CommandFrame<'a>,
         used: usize,
@@ -188,6 +198,10 @@ pub struct Session {
     /// A write is under way since this instant; `frames_writing` acks are in it.
     writing_since: Option<Instant>,
     frames_writing: usize,
+    /// The command sent and not answered yet (devices answer in order: one at a time).
+    command: Option<(i64, Instant)>,
+    /// A command whose answer did not come in time, for [`Session::take_command_timeout`].
+    command_timed_out: Option<i64>,
     stats: SessionStats,
 }
 
@@ -205,6 +219,8 @@ impl Session {
             frames_queued: 0,
             writing_since: None,
             frames_writing: 0,
+            command: None,
+            command_timed_out: None,
             stats: SessionStats::default(),
         }
     }
@@ -305,8 +321,44 @@ impl Session {
                 });
                 Input::Avl { seq, avl, used }
             }
-            (_, (Frame::Command(frame), used)) => Input::Command { frame, used },
+            (_, (Frame::Command(frame), used)) => {
+                let answers = matches!(frame.kind, TYPE_RESPONSE | TYPE_REFUSED);
+                match self.command.take() {
+                    Some((id, _)) if answers => Input::CommandAnswer { id, frame, used },
+                    pending => {
+                        self.command = pending;
+                        Input::Command { frame, used }
+                    }
+                }
+            }
         }
+    }
+
+    /// Whether a command may be sent now: logged in, not ending, none awaiting its answer.
+    pub fn can_send_command(&self) -> bool {
+        matches!(self.state, State::Active(_)) && self.command.is_none()
+    }
+
+    /// Sends command `id` (its encoded Codec 12/14 frame); its answer comes back as
+    /// [`Input::CommandAnswer`], or its id from [`Session::take_command_timeout`]. `false`
+    /// when [`Session::can_send_command`] says no.
+    pub fn send_command(&mut self, id: i64, frame: &[u8], now: Instant) -> bool {
+        if !self.can_send_command() {
+            return false;
+        }
+        self.out.extend_from_slice(frame);
+        self.command = Some((id, now + self.cfg.command_timeout));
+        true
+    }
+
+    /// The command awaiting its answer, if any (when a session ends, it was interrupted).
+    pub fn command_in_flight(&self) -> Option<i64> {
+        self.command.map(|(id, _)| id)
+    }
+
+    /// A command whose answer did not come within the command timeout (reported once).
+    pub fn take_command_timeout(&mut self) -> Option<i64> {
+        self.command_timed_out.take()
     }
 
     /// Accepts the login: answers `01`; the device may send records.
@@ -379,6 +431,10 @@ impl Session {
     /// When [`Session::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let write = self.writing_since.map(|t| t + self.cfg.write_timeout);
+        let write = match (write, self.command) {
+            (Some(a), Some((_, b))) => Some(a.min(b)),
+            (a, c) => a.or(c.map(|(_, b)| b)),
+        };
         let own = match self.state {
             State::AwaitLogin => Some(self.started + self.cfg.login_timeout),
             // Idle only while nobody owes anybody: frames waiting for a commit or an ack write
@@ -394,8 +450,15 @@ impl Session {
         }
     }
 
-    /// Time has passed: closes the session if a timeout has run out.
+    /// Time has passed: closes the session if a timeout has run out; a command past its
+    /// deadline is given up (see [`Session::take_command_timeout`]).
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some((id, deadline)) = self.command {
+            if now >= deadline {
+                self.command = None;
+                self.command_timed_out = Some(id);
+            }
+        }
         if self
             .writing_since
             .is_some_and(|t| now >= t + self.cfg.write_timeout)
@@ -502,6 +565,7 @@ mod tests {
             login_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(600),
             write_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(60),
         }
     }
 
@@ -767,6 +831,52 @@ mod tests {
             s.finished(),
             Some(CloseReason::BadFrame(DecodeError::Crc { .. }))
         ));
+    }
+
+    fn response(kind: u8, text: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        crate::protocol::tcp::encode_command_frame(Codec::C12, kind, None, text, &mut out);
+        out
+    }
+
+    #[test]
+    fn one_command_at_a_time_answered_by_the_next_response() {
+        let t0 = Instant::now();
+        let mut s = active(t0);
+        assert!(s.send_command(7, b"cmd-frame", t0));
+        assert!(!s.can_send_command(), "one in flight");
+        assert!(!s.send_command(8, b"x", t0));
+        assert_eq!(written(&mut s, t0), b"cmd-frame");
+        // A one-way message does not answer it.
+        let msg = response(crate::protocol::command::TYPE_MESSAGE, b"hello");
+        assert!(matches!(s.poll_input(&msg), Input::Command { .. }));
+        assert_eq!(s.command_in_flight(), Some(7));
+        let r = response(TYPE_RESPONSE, b"DOUT1:1");
+        match s.poll_input(&r) {
+            Input::CommandAnswer { id, frame, .. } => {
+                assert_eq!(id, 7);
+                assert_eq!(frame.text(), Some("DOUT1:1"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(s.can_send_command());
+        // A response with nothing in flight answers nothing.
+        assert!(matches!(s.poll_input(&r), Input::Command { .. }));
+    }
+
+    #[test]
+    fn an_unanswered_command_times_out_without_ending_the_session() {
+        let t0 = Instant::now();
+        let mut s = active(t0);
+        s.send_command(9, b"c", t0);
+        written(&mut s, t0);
+        let at = s.poll_timeout().unwrap();
+        assert_eq!(at, t0 + cfg().command_timeout);
+        s.handle_timeout(at);
+        assert_eq!(s.take_command_timeout(), Some(9));
+        assert_eq!(s.take_command_timeout(), None);
+        assert!(s.can_send_command());
+        assert_eq!(s.finished(), None);
     }
 
     #[test]

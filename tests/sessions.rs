@@ -79,6 +79,56 @@ fn login_and_send(addr: SocketAddr, id: Imei, frames: &[Vec<u8>]) -> TcpStream {
     s
 }
 
+/// A config file for the gateway: small kernel socket buffers, so that a device that does not
+/// read blocks the gateway's writes after a couple of thousand acks rather than a million.
+fn small_socket_buffers(dir: &common::TempDir) -> String {
+    let path = dir.path().join("fleetgate.toml");
+    std::fs::write(&path, "tcp_send_buffer_bytes = 4096\n").unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// Devices with a tiny receive window that never read. Each pipelines thousands of small
+/// frames, whose acks fill its window and the gateway's (small) send buffer until the
+/// gateway's writes block, then worst-case frames: a shard that kept their room until their acks were written
+/// would be out of budget after one such device. Returns once the gateway stopped reading
+/// every one of them (3 s without progress).
+fn non_readers(addr: SocketAddr, ids: &[Imei]) -> Vec<TcpStream> {
+    let mut frames: Vec<Vec<u8>> = (0..10_000u64)
+        .map(|f| {
+            frame(
+                Codec::C8,
+                &records(Codec::C8, 1, 1_700_000_000_000 + f * 1000, 3),
+            )
+        })
+        .collect();
+    frames.extend((0..20).map(worst_case_frame));
+    let frames = std::sync::Arc::new(frames);
+    let hogs: Vec<_> = ids
+        .iter()
+        .map(|&id| {
+            let frames = frames.clone();
+            std::thread::spawn(move || {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .unwrap();
+                s.set_recv_buffer_size(1).unwrap();
+                s.connect(&addr.into()).unwrap();
+                let mut s: TcpStream = s.into();
+                let mut login = Vec::new();
+                fleetgate::protocol::imei::encode_login(id, &mut login);
+                s.write_all(&login).unwrap();
+                s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+                for f in frames.iter() {
+                    if s.write_all(f).is_err() {
+                        break;
+                    }
+                }
+                s
+            })
+        })
+        .collect();
+    hogs.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 /// Defect: SIGTERM could hang forever during a database outage (a UDP loop parked on a shard
 /// permit never saw shutdown; the main thread joined shards with no deadline). Now `serve`
 /// exits within `shutdown_timeout_s` plus a small margin with TCP and UDP traffic parked on
@@ -86,9 +136,12 @@ fn login_and_send(addr: SocketAddr, id: Imei, frames: &[Vec<u8>]) -> TcpStream {
 #[test]
 fn sigterm_during_an_outage_with_traffic_parked_exits_in_time_acking_nothing() {
     let mut pg = TestPg::start();
+    let dir = common::TempDir::new();
     let mut gw = Gateway::start(
         &pg.url(),
         &[
+            "--config",
+            &small_socket_buffers(&dir),
             "--shutdown-timeout-s",
             "2",
             "--max-bytes-in-flight-per-shard",
@@ -96,6 +149,8 @@ fn sigterm_during_an_outage_with_traffic_parked_exits_in_time_acking_nothing() {
         ],
     );
     let addr = gw.addr;
+    // Devices that never read, their ack writes stuck in the kernel.
+    let hogs = non_readers(addr, &imeis_on_shard(1, 356_801_000_000_000, 4));
     pg.pg.stop().unwrap();
 
     // TCP: more worst-case frames than both shards' budgets hold.
@@ -130,8 +185,8 @@ fn sigterm_during_an_outage_with_traffic_parked_exits_in_time_acking_nothing() {
     assert!(status.is_some(), "gateway still running after {took:?}");
     assert!(took < Duration::from_secs(2 + 5), "exit took {took:?}");
 
-    // Nothing was committed, so nothing may have been acked: a device reads its login answer
-    // and then only the end of the stream.
+    // Nothing was committed during the outage, so nothing may have been acked: a device reads
+    // its login answer and then only the end of the stream.
     for s in &mut socks {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut got = Vec::new();
@@ -142,8 +197,12 @@ fn sigterm_during_an_outage_with_traffic_parked_exits_in_time_acking_nothing() {
         .unwrap();
     let mut b = [0u8; 64];
     assert!(udp.recv_from(&mut b).is_err(), "a datagram was acked");
+    drop(hogs);
     pg.pg.restart_after_stop().unwrap();
-    assert_eq!(scalar(&pg, "SELECT count(*) FROM telemetry"), 0);
+    assert_eq!(
+        scalar(&pg, "SELECT count(*) FROM telemetry WHERE imei >= 356800000000000 AND imei < 356801000000000"),
+        0
+    );
 }
 
 /// Defect: sessions parked on back-pressure could not be cancelled (replacement relied on
@@ -252,49 +311,22 @@ fn worst_case_frames_during_an_outage_stay_within_the_byte_bound() {
 #[test]
 fn devices_that_never_read_do_not_stall_their_shard() {
     let pg = TestPg::start();
-    let gw = Gateway::start(&pg.url(), &["--max-bytes-in-flight-per-shard", "1048576"]);
+    let dir = common::TempDir::new();
+    let gw = Gateway::start(
+        &pg.url(),
+        &[
+            "--config",
+            &small_socket_buffers(&dir),
+            "--max-bytes-in-flight-per-shard",
+            "1048576",
+            "--write-timeout-s",
+            "5",
+        ],
+    );
     let addr = gw.addr;
     let ids = imeis_on_shard(0, 356_840_000_000_000, 9);
     let (normal, silent) = ids.split_first().unwrap();
-    // Each non-reader has a tiny receive window and never reads. It pipelines thousands of
-    // small frames, whose acks fill its window and the gateway's send buffer until the
-    // gateway's writes block, then worst-case frames: a shard that kept their room until
-    // their acks were written would be out of budget after one such device.
-    let mut frames: Vec<Vec<u8>> = (0..10_000u64)
-        .map(|f| {
-            frame(
-                Codec::C8,
-                &records(Codec::C8, 1, 1_700_000_000_000 + f * 1000, 3),
-            )
-        })
-        .collect();
-    frames.extend((0..20).map(worst_case_frame));
-    let frames = std::sync::Arc::new(frames);
-    let hogs: Vec<_> = silent
-        .iter()
-        .map(|&id| {
-            let frames = frames.clone();
-            std::thread::spawn(move || {
-                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                    .unwrap();
-                s.set_recv_buffer_size(1).unwrap();
-                s.connect(&addr.into()).unwrap();
-                let mut s: TcpStream = s.into();
-                let mut login = Vec::new();
-                fleetgate::protocol::imei::encode_login(id, &mut login);
-                s.write_all(&login).unwrap();
-                // Until the gateway stops reading this device (3 s without progress).
-                s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
-                for f in frames.iter() {
-                    if s.write_all(f).is_err() {
-                        break;
-                    }
-                }
-                s
-            })
-        })
-        .collect();
-    let hogs: Vec<_> = hogs.into_iter().map(|h| h.join().unwrap()).collect();
+    let hogs = non_readers(addr, silent);
 
     // A normal device on the same shard still gets every ack promptly.
     let mut dev = Device::connect(addr, *normal);
@@ -309,6 +341,11 @@ fn devices_that_never_read_do_not_stall_their_shard() {
         worst = worst.max(t.elapsed());
     }
     eprintln!("the normal device's slowest ack beside 8 non-readers: {worst:?}");
+    // The non-readers' writes were indeed stuck: each is closed by the write timeout.
+    assert!(wait_until(Duration::from_secs(30), || scalar(
+        &pg,
+        "SELECT count(*) FROM device_sessions WHERE reason = 'write timeout: device does not read'"
+    ) == 8));
     drop(hogs);
 }
 

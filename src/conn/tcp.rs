@@ -248,6 +248,15 @@ impl Driver {
                     rb.consume(used);
                     return Some(imei);
                 }
+                Input::CommandAnswer { id, frame, used } => {
+                    tracing::info!(
+                        shard = self.shard.id,
+                        command = id,
+                        text = frame.text().unwrap_or(""),
+                        "Command answered."
+                    );
+                    rb.consume(used);
+                }
                 Input::Command { frame, used } => {
                     ShardStats::inc(&self.shard.stats.commands_received);
                     tracing::info!(shard = self.shard.id, imei = ?self.session.imei(), codec = ?frame.codec, kind = frame.kind, text = frame.text().unwrap_or(""), "Command frame from device.");

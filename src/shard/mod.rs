@@ -262,6 +262,7 @@ impl Shard {
             login_timeout: c.login_timeout(),
             idle_timeout: c.idle_timeout(),
             write_timeout: c.write_timeout(),
+            command_timeout: c.command_timeout(),
         }
     }
 
