@@ -124,9 +124,21 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // First of all: from here on SIGTERM/SIGINT are recorded instead of killing us, so a stop
+    // during initdb or migrations cannot leave the managed PostgreSQL running.
+    let mut signals = StopSignals::register(&rt)?;
     let db = open_database(&cfg)?;
+    // Returning drops `db`, which stops the managed PostgreSQL.
+    if stop_requested(&mut signals, &rt, "starting the database") {
+        return Ok(());
+    }
     let policy = Arc::new(DevicePolicy::new(cfg.device_policy));
     prepare_database(&rt, &db.url, &cfg, &policy)?;
+    // The last step that takes time before the writer and the shards start; from then on
+    // `wait_for_stop` sees a signal, also one that came while they started.
+    if stop_requested(&mut signals, &rt, "applying the migrations") {
+        return Ok(());
+    }
     let device_addr = reserve_device_port(cfg.device_host, cfg.device_port)?;
 
     let nr_shards = cfg.shards;
@@ -215,7 +227,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                 cfg.api_addr
             );
             tracing::info!(%device_addr, shards = nr_shards, "fleetgate ready.");
-            rt.block_on(wait_for_stop(&mut exit_rx, &mut shards_exited))
+            rt.block_on(wait_for_stop(&mut signals, &mut exit_rx, &mut shards_exited))
         }
     };
 
@@ -273,17 +285,72 @@ enum Exit {
     Writer,
 }
 
+/// SIGTERM and SIGINT, caught from the start of `serve` on: installing the handlers replaces
+/// the default action (exit at once), and a signal that arrives before anybody waits for it is
+/// kept until it is asked for.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// # Errors
+    /// The handlers cannot be installed.
+    fn register(rt: &tokio::runtime::Runtime) -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        // The signal streams belong to the runtime whose driver feeds them.
+        let _rt = rt.enter();
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("catching SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("catching SIGINT")?,
+        })
+    }
+
+    /// Waits for either signal; its name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+
+    /// The signal received so far, if any, without waiting.
+    fn pending(&mut self, rt: &tokio::runtime::Runtime) -> Option<&'static str> {
+        rt.block_on(async {
+            tokio::select! {
+                biased;
+                name = self.recv() => Some(name),
+                // A delivered signal reaches the streams only when the runtime's driver runs;
+                // `yield_now` lets it run once before `recv` is polled again.
+                () = tokio::task::yield_now() => None,
+            }
+        })
+    }
+}
+
+/// Whether a stop was asked for during start-up, by the step `after` at the latest (logged).
+fn stop_requested(signals: &mut StopSignals, rt: &tokio::runtime::Runtime, after: &str) -> bool {
+    match signals.pending(rt) {
+        Some(name) => {
+            tracing::info!(
+                signal = name,
+                after,
+                "Stop requested during start-up: stopping."
+            );
+            true
+        }
+        None => false,
+    }
+}
+
 /// Waits for SIGTERM or SIGINT (`Ok`), or for a shard or the writer that ends on its own (`Err`).
 async fn wait_for_stop(
+    signals: &mut StopSignals,
     exit_rx: &mut tokio::sync::mpsc::UnboundedReceiver<Exit>,
     shards_exited: &mut usize,
 ) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
-        _ = term.recv() => { tracing::info!("SIGTERM: shutting down."); Ok(()) }
-        _ = int.recv() => { tracing::info!("SIGINT: shutting down."); Ok(()) }
+        name = signals.recv() => { tracing::info!("{name}: shutting down."); Ok(()) }
         exit = exit_rx.recv() => Err(match exit {
             Some(Exit::Shard(id, panicked)) => {
                 *shards_exited += 1;

@@ -87,6 +87,29 @@ async fn partition_of(client: &Client, imei: i64, ts: &str) -> String {
         .get(0)
 }
 
+/// Insert one `device_sessions` row (a connect) of `imei` at `at`.
+async fn insert_session(client: &Client, imei: i64, at: &str) {
+    client
+        .execute(
+            "INSERT INTO device_sessions (imei, event, at, shard, transport, peer)
+             VALUES ($1, 'connect', $2::text::timestamptz, 0, 'tcp', '10.0.0.1:5000')",
+            &[&imei, &at],
+        )
+        .await
+        .unwrap();
+}
+
+/// The `imei` of every row of `table`, sorted: the tests below give each row its own.
+async fn imeis(client: &Client, table: &str) -> Vec<i64> {
+    client
+        .query(&format!("SELECT imei FROM {table} ORDER BY imei"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Names of the partitions of `telemetry`, sorted.
 async fn partitions(client: &Client) -> Vec<String> {
     let mut names: Vec<String> = client
@@ -117,7 +140,7 @@ async fn migrations_apply_once_and_the_schema_is_exact() {
     assert!(url.ends_with("user=fleetgate dbname=fleetgate"), "{url}");
 
     let mut client = connect(&url).await;
-    assert_eq!(migrate(&mut client).await.unwrap(), 2);
+    assert_eq!(migrate(&mut client).await.unwrap(), 3);
     assert_eq!(migrate(&mut client).await.unwrap(), 0);
 
     // Column order and types are the binary COPY layout of the writer.
@@ -191,6 +214,18 @@ async fn migrations_apply_once_and_the_schema_is_exact() {
         .query_one(
             "SELECT count(*) FROM pg_indexes WHERE tablename = 'device_sessions'
                AND indexdef LIKE '%(imei, at)%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(index, 1);
+
+    // V3: retention finds old sessions by time alone.
+    let index: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE tablename = 'device_sessions'
+               AND indexdef LIKE '%btree (at)'",
             &[],
         )
         .await
@@ -324,13 +359,77 @@ async fn retention_drops_old_daily_partitions_but_never_the_default() {
     expected.push("telemetry_default".into());
     expected.sort();
     assert_eq!(partitions(&client).await, expected);
-    assert_eq!(count(&client, "telemetry").await, 2);
-    assert_eq!(count(&client, "telemetry_default").await, 1);
+    // The 1970 row of the default partition went too (see the next test), not the partition.
+    assert_eq!(count(&client, "telemetry").await, 1);
+    assert_eq!(count(&client, "telemetry_default").await, 0);
 
-    // Even a retention of one day never drops the default partition with its 1970 row.
+    // Even a retention of one day drops neither the default partition nor yesterday's, and
+    // the default partition still takes the rows no daily partition holds.
     assert_eq!(maintain_partitions(&client, 1, 1).await.unwrap(), (0, 0));
-    assert_eq!(count(&client, "telemetry_default").await, 1);
-    assert!(partitions(&client).await.contains(&partition(-1)));
+    assert_eq!(partitions(&client).await, expected);
+    let epoch = "1970-01-01 00:00:00+00";
+    insert(&client, 1, epoch, 2).await.unwrap();
+    assert_eq!(partition_of(&client, 1, epoch).await, "telemetry_default");
+}
+
+#[tokio::test]
+async fn retention_prunes_the_default_partition_and_the_sessions_by_whole_days() {
+    let t = TestPg::start();
+    let client = t.client().await;
+    // Yesterday, today and tomorrow get daily partitions; other times land in the default one.
+    assert_eq!(maintain_partitions(&client, 1, 0).await.unwrap(), (3, 0));
+    // (imei, time, kept with a retention of 2 days): the same rule as for daily partitions,
+    // a row goes once the whole UTC day it falls on is older than the retention window.
+    let rows = [
+        (1, "1970-01-01 00:00:00+00".to_string(), false),
+        (2, "2000-01-01 00:00:00+00".to_string(), false),
+        (3, ts_on(-3, "23:59:59.999999"), false),
+        (4, ts_on(-2, "00:00:00"), true),
+        (5, ts_on(5, "12:00:00"), true), // beyond the daily partitions
+        (6, "2099-01-01 00:00:00+00".to_string(), true),
+    ];
+    for (imei, ts, _) in &rows {
+        insert(&client, *imei, ts, 1).await.unwrap();
+        assert_eq!(partition_of(&client, *imei, ts).await, "telemetry_default");
+        insert_session(&client, *imei, ts).await;
+    }
+    // A row of a daily partition and a session of now: retention of those is not at stake.
+    insert(&client, 7, &ts_on(-1, "00:00:00"), 1).await.unwrap();
+    client
+        .execute(
+            "INSERT INTO device_sessions (imei, event, at, shard, transport)
+             VALUES (7, 'disconnect', now(), 0, 'udp')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let all: Vec<i64> = (1..=7).collect();
+
+    // 0 keeps everything.
+    assert_eq!(maintain_partitions(&client, 1, 0).await.unwrap(), (0, 0));
+    assert_eq!(imeis(&client, "telemetry").await, all);
+    assert_eq!(imeis(&client, "device_sessions").await, all);
+
+    // 2 days: old rows go from the default partition and from the sessions; no partition is
+    // dropped, so the counts returned stay those of partitions.
+    assert_eq!(maintain_partitions(&client, 1, 2).await.unwrap(), (0, 0));
+    let kept: Vec<i64> = rows
+        .iter()
+        .filter(|(_, _, kept)| *kept)
+        .map(|(imei, _, _)| *imei)
+        .collect();
+    assert_eq!(imeis(&client, "telemetry_default").await, kept);
+    let mut kept_and_7 = kept.clone();
+    kept_and_7.push(7);
+    assert_eq!(imeis(&client, "telemetry").await, kept_and_7);
+    assert_eq!(imeis(&client, "device_sessions").await, kept_and_7);
+    assert!(partitions(&client)
+        .await
+        .contains(&"telemetry_default".to_string()));
+
+    // Nothing more to prune on the next run.
+    assert_eq!(maintain_partitions(&client, 1, 2).await.unwrap(), (0, 0));
+    assert_eq!(imeis(&client, "device_sessions").await, kept_and_7);
 }
 
 #[tokio::test]

@@ -2,6 +2,11 @@
 //! socket inside the data dir (no TCP listener), adoption of a server left running by an earlier
 //! run of the same data dir, `pg_ctl stop -m fast` on [`ManagedPostgres::stop`] and on drop.
 //!
+//! Authentication is `trust`: whoever reaches the socket is the database superuser. So the data
+//! dir is private (mode 0700, owned by the user the server runs as) and so is the socket
+//! (`unix_socket_permissions = 0700`): only that user (fleetgate's own; `postgres` when
+//! fleetgate runs as root) and root can connect.
+//!
 //! All of it is blocking (`std::process`); the one database round trip (creating the
 //! `fleetgate` database) runs on a helper thread with its own small tokio runtime, so
 //! [`ManagedPostgres::start`] may be called from anywhere, async contexts included.
@@ -20,12 +25,15 @@ use super::PgError;
 
 /// The binaries a managed cluster needs.
 const SERVER_BINARIES: [&str; 3] = ["postgres", "initdb", "pg_ctl"];
-/// Superuser created by `initdb`, with trust authentication on the unix socket.
+/// Superuser created by `initdb`, with trust authentication on the unix socket (which only the
+/// data dir's owner and root can reach, see [`make_private`]).
 const SUPERUSER: &str = "fleetgate";
 /// The database the gateway writes to.
 const DATABASE: &str = "fleetgate";
 /// The system user the server runs as when we are root.
 const SERVER_USER: &str = "postgres";
+/// Mode of the data dir and of the socket in it: owner only.
+const PRIVATE_MODE: u32 = 0o700;
 /// How long `pg_ctl` may wait for start or stop, and how long we wait for an adopted server.
 const TIMEOUT: Duration = Duration::from_secs(120);
 /// `sizeof(sockaddr_un.sun_path) - 1` on Linux: the longest unix socket path.
@@ -119,6 +127,7 @@ impl ManagedPostgres {
             chown_if_needed(&pgdata, run_as, true)?;
             chown_if_needed(&log, run_as, false)?;
         }
+        make_private(&data_dir)?;
 
         let mut pg = ManagedPostgres {
             socket_dir: data_dir.clone(),
@@ -344,18 +353,21 @@ impl ManagedPostgres {
 
     /// The `-o` argument of `pg_ctl start` (pg_ctl hands it to a shell, hence the quoting).
     /// Beyond the stock settings, a write-heavy telemetry store wants fewer checkpoints: with the
-    /// stock 1 GB `max_wal_size` they came every 12-21 s under load (tuning/ingest.md).
+    /// stock 1 GB `max_wal_size` they came every 12-21 s under load (tuning/ingest.md). The
+    /// socket is owner-only, as the dir it is in (see [`make_private`]).
     fn server_settings(&self) -> String {
         let onoff = |b: bool| if b { "on" } else { "off" };
         let socket_dir = self.socket_dir.to_string_lossy();
         // unix_socket_directories is a list: double-quote the element, then shell-quote it.
         let socket_list = format!("\"{}\"", socket_dir.replace('"', "\"\""));
         format!(
-            "-p {} -c listen_addresses='' -c unix_socket_directories={} -c shared_buffers={}MB \
-             -c fsync={} -c full_page_writes={} -c max_wal_size=4GB -c checkpoint_timeout=15min \
+            "-p {} -c listen_addresses='' -c unix_socket_directories={} \
+             -c unix_socket_permissions={:04o} -c shared_buffers={}MB -c fsync={} \
+             -c full_page_writes={} -c max_wal_size=4GB -c checkpoint_timeout=15min \
              -c wal_buffers=32MB",
             self.port,
             sh_quote(&socket_list),
+            PRIVATE_MODE,
             self.opts.shared_buffers_mb,
             onoff(self.opts.fsync),
             onoff(self.opts.fsync),
@@ -613,7 +625,8 @@ fn lookup_user(name: &str) -> Option<RunAs> {
     }
 }
 
-/// The server user must be able to enter every ancestor of `data_dir`.
+/// The server user must be able to enter every ancestor of `data_dir` (the data dir itself is
+/// theirs, see [`make_private`]).
 fn check_traversable(data_dir: &Path, run_as: RunAs) -> Result<(), PgError> {
     for dir in data_dir.ancestors().skip(1) {
         let meta = fs::metadata(dir)
@@ -635,6 +648,32 @@ fn check_traversable(data_dir: &Path, run_as: RunAs) -> Result<(), PgError> {
         }
     }
     Ok(())
+}
+
+/// Mode 0700 on the data dir, which holds the socket: with trust authentication, reaching the
+/// socket is being the database superuser, so only the dir's owner (the user the server runs
+/// as) and root may enter it. The socket is 0700 too, but a server adopted from an earlier
+/// version has a 0777 one, and those versions left the dir world-traversable: tightened here,
+/// before the server is started or adopted.
+fn make_private(data_dir: &Path) -> Result<(), PgError> {
+    let mode = fs::metadata(data_dir)
+        .map_err(|e| PgError::io(format!("inspecting {}", data_dir.display()), e))?
+        .mode()
+        & 0o7777;
+    if mode == PRIVATE_MODE {
+        return Ok(());
+    }
+    tracing::info!(data_dir = %data_dir.display(), from = format!("{mode:04o}"), "Making the data dir private (mode 0700).");
+    fs::set_permissions(data_dir, fs::Permissions::from_mode(PRIVATE_MODE)).map_err(|e| {
+        PgError::io(
+            format!(
+                "making the data dir {} private (mode 0700; it must belong to the user fleetgate \
+                 runs as)",
+                data_dir.display()
+            ),
+            e,
+        )
+    })
 }
 
 /// Give `path` (and, with `recursive`, everything under it) to the server user, if it exists
