@@ -1,8 +1,8 @@
 //! `fleetgate serve` and `fleetgate migrate`: the main thread. Starts the database (managed or
-//! external), applies migrations, starts the writer thread and one glommio executor per shard,
-//! waits for SIGTERM/SIGINT (or a shard that dies), then stops them in reverse order: shards
-//! (stop accepting, commit and ack what is in flight, close), then the writer, then the
-//! managed PostgreSQL.
+//! external), applies migrations, starts the writer threads, the housekeeper thread and one
+//! glommio executor per shard, waits for SIGTERM/SIGINT (or a shard or writer that dies), then
+//! stops them in reverse order: shards (stop accepting, commit and ack what is in flight,
+//! close), the housekeeper, the writer, then the managed PostgreSQL.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -13,6 +13,8 @@ use futures::channel::mpsc;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::{Config, DevicePolicyKind};
+use crate::db;
+use crate::housekeeper::{self, HousekeeperConfig};
 use crate::pg::{ManagedPostgres, PgOptions};
 use crate::policy::DevicePolicy;
 use crate::shard::{ShardMsg, ShardSpec, ShardStats};
@@ -20,6 +22,9 @@ use crate::sink::writer::{self, WriterConfig};
 
 /// How long a shard may take to bind and report ready.
 const SHARD_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often the housekeeper maintains the daily partitions.
+const PARTITIONS_EVERY: Duration = Duration::from_secs(3600);
 
 /// The database `serve` talks to: an external URL, or a managed PostgreSQL it stops on exit.
 struct Database {
@@ -55,22 +60,18 @@ fn prepare_database(
     policy: &DevicePolicy,
 ) -> anyhow::Result<()> {
     rt.block_on(async {
-        let (mut client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        let mut client = db::connect(url)
             .await
-            .context("connecting to PostgreSQL")?;
-        let conn = tokio::spawn(conn);
+            .map_err(|e| anyhow!("connecting to PostgreSQL: {}", db::describe(&e)))?;
         crate::pg::migrate(&mut client).await?;
         crate::pg::maintain_partitions(&client, cfg.partitions_ahead_days, cfg.retention_days)
             .await?;
         if policy.kind() == DevicePolicyKind::AllowList {
-            policy.set_allowed(
-                writer::load_allow_list(&client)
-                    .await
-                    .context("loading the allow-list")?,
-            );
+            let allowed = db::load_allow_list(&client)
+                .await
+                .map_err(|e| anyhow!("loading the allow-list: {}", db::describe(&e)))?;
+            policy.set_allowed(allowed);
         }
-        drop(client);
-        let _ = conn.await;
         anyhow::Ok(())
     })
 }
@@ -136,14 +137,23 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             batch_max_records: cfg.batch_max_records,
             batch_max_delay: cfg.batch_max_delay(),
             channel_capacity: nr_shards * cfg.max_frames_in_flight_per_shard + 65_536,
-            partitions_ahead_days: cfg.partitions_ahead_days,
-            retention_days: cfg.retention_days,
-            allow_list_reload: Duration::from_secs(cfg.allow_list_reload_s),
         },
-        policy.clone(),
         move || {
             let _ = writer_exit.send(Exit::Writer);
         },
+    )?;
+    let housekeeper = housekeeper::spawn(
+        HousekeeperConfig {
+            database_url: db.url.clone(),
+            partitions_ahead_days: cfg.partitions_ahead_days,
+            retention_days: cfg.retention_days,
+            partitions_every: PARTITIONS_EVERY,
+            allow_list_reload: Duration::from_secs(cfg.allow_list_reload_s),
+        },
+        policy.clone(),
+        // New logins are checked against the new set already; ending the sessions of devices
+        // that were disabled is the shards' job, to be wired here.
+        || tracing::info!("Allow-list changed; new logins are checked against it."),
     )?;
 
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..nr_shards)
@@ -222,6 +232,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             tracing::error!("A shard thread panicked.");
         }
     }
+    housekeeper.stop();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         writer.join();

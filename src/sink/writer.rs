@@ -15,7 +15,6 @@
 //! Any other error is split down to the one batch that causes it, which alone is answered
 //! [`WriteOutcome::Failed`] (its device gets no ack and resends; the error is logged).
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -26,11 +25,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use futures::channel::oneshot;
 use futures::SinkExt;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::copy::{COLUMNS, COPY_HEADER, COPY_TRAILER};
-use crate::config::DevicePolicyKind;
-use crate::policy::DevicePolicy;
+use crate::db;
 
 /// Rows of one AVL frame or datagram, crossing from a shard to the writer.
 pub struct WriterBatch {
@@ -81,9 +79,6 @@ pub struct WriterConfig {
     pub batch_max_delay: Duration,
     /// Capacity of the channel from the shards (messages).
     pub channel_capacity: usize,
-    pub partitions_ahead_days: i32,
-    pub retention_days: i32,
-    pub allow_list_reload: Duration,
 }
 
 /// Counters of the writer, readable from any thread.
@@ -144,7 +139,6 @@ impl<F: FnOnce()> Drop for OnExit<F> {
 /// A thread cannot be spawned.
 pub fn spawn(
     cfg: WriterConfig,
-    policy: Arc<DevicePolicy>,
     on_exit: impl Fn() + Send + Sync + 'static,
 ) -> std::io::Result<WriterHandle> {
     let (tx, rx) = crossbeam_channel::bounded(cfg.channel_capacity);
@@ -152,19 +146,12 @@ pub fn spawn(
     let on_exit = Arc::new(on_exit);
     let mut threads = Vec::new();
     for n in 0..cfg.connections.max(1) {
-        let (cfg, rx, st, policy, on_exit) = (
-            cfg.clone(),
-            rx.clone(),
-            stats.clone(),
-            policy.clone(),
-            on_exit.clone(),
-        );
+        let (cfg, rx, st, on_exit) = (cfg.clone(), rx.clone(), stats.clone(), on_exit.clone());
         let thread = std::thread::Builder::new()
             .name(format!("fleetgate-writer-{n}"))
             .spawn(move || {
                 let _exit = OnExit(Some(move || on_exit()));
-                // Housekeeping (partitions, allow-list) is the first connection's job.
-                Writer::new(cfg, rx, st, policy, n == 0).run()
+                Writer::new(cfg, rx, st).run()
             })?;
         threads.push(thread);
     }
@@ -199,43 +186,27 @@ struct Writer {
     cfg: WriterConfig,
     rx: Receiver<WriterMsg>,
     stats: Arc<WriterStats>,
-    policy: Arc<DevicePolicy>,
     rt: tokio::runtime::Runtime,
     client: Option<Client>,
     backoff: Duration,
-    next_partitions: Instant,
-    next_allow_list: Instant,
-    housekeeper: bool,
 }
 
-const PARTITION_EVERY: Duration = Duration::from_secs(3600);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 impl Writer {
-    fn new(
-        cfg: WriterConfig,
-        rx: Receiver<WriterMsg>,
-        stats: Arc<WriterStats>,
-        policy: Arc<DevicePolicy>,
-        housekeeper: bool,
-    ) -> Writer {
+    fn new(cfg: WriterConfig, rx: Receiver<WriterMsg>, stats: Arc<WriterStats>) -> Writer {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("tokio runtime");
-        let now = Instant::now();
         Writer {
             cfg,
             rx,
             stats,
-            policy,
             rt,
             client: None,
             backoff: BACKOFF_MIN,
-            next_partitions: now + PARTITION_EVERY,
-            next_allow_list: now,
-            housekeeper,
         }
     }
 
@@ -244,14 +215,11 @@ impl Writer {
         let mut sessions: Vec<SessionEvent> = Vec::new();
         let mut open = true;
         while open {
-            // Wait for the first message, doing housekeeping while idle.
-            match self.rx.recv_timeout(Duration::from_secs(1)) {
+            // Wait for the first message. (Housekeeping is the housekeeper thread's: it must
+            // not depend on traffic.)
+            match self.rx.recv() {
                 Ok(m) => push(m, &mut batches, &mut sessions),
-                Err(RecvTimeoutError::Timeout) => {
-                    self.housekeeping();
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => break,
+                Err(_) => break,
             }
             // Gather more until full or the first one has waited long enough.
             let deadline = Instant::now() + self.cfg.batch_max_delay;
@@ -272,7 +240,6 @@ impl Writer {
                 }
             }
             self.commit(std::mem::take(&mut batches), std::mem::take(&mut sessions));
-            self.housekeeping();
         }
         tracing::info!("Writer stopped: every batch answered.");
     }
@@ -356,7 +323,7 @@ impl Writer {
             self.client = None;
         }
         if self.client.is_none() {
-            match self.rt.block_on(connect(&self.cfg.database_url)) {
+            match self.rt.block_on(db::connect_writer(&self.cfg.database_url)) {
                 Ok(c) => {
                     tracing::info!("Writer connected to the database.");
                     self.stats.connected.store(1, Ordering::Relaxed);
@@ -378,37 +345,6 @@ impl Writer {
         std::thread::sleep(self.backoff);
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
-
-    /// Partition upkeep (hourly) and allow-list reloads, between batches.
-    fn housekeeping(&mut self) {
-        if !self.housekeeper {
-            return;
-        }
-        let now = Instant::now();
-        if now >= self.next_partitions {
-            self.next_partitions = now + PARTITION_EVERY;
-            let (ahead, retention) = (self.cfg.partitions_ahead_days, self.cfg.retention_days);
-            if let Some(c) = self.client.as_ref() {
-                if let Err(e) = self
-                    .rt
-                    .block_on(crate::pg::maintain_partitions(c, ahead, retention))
-                {
-                    tracing::warn!(error = %e, "Partition maintenance failed; next try in an hour.");
-                }
-            }
-        }
-        if self.policy.kind() == DevicePolicyKind::AllowList && now >= self.next_allow_list {
-            self.next_allow_list = now + self.cfg.allow_list_reload;
-            if let Some(c) = self.client.as_ref() {
-                match self.rt.block_on(load_allow_list(c)) {
-                    Ok(set) => self.policy.set_allowed(set),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "Allow-list reload failed; keeping the last one.")
-                    }
-                }
-            }
-        }
-    }
 }
 
 fn push(m: WriterMsg, batches: &mut Vec<WriterBatch>, sessions: &mut Vec<SessionEvent>) {
@@ -416,30 +352,6 @@ fn push(m: WriterMsg, batches: &mut Vec<WriterBatch>, sessions: &mut Vec<Session
         WriterMsg::Rows(b) => batches.push(b),
         WriterMsg::Session(s) => sessions.push(s),
     }
-}
-
-async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "Writer's database connection ended.");
-        }
-    });
-    client
-        .batch_execute(
-            "SET synchronous_commit = on;
-             CREATE TEMP TABLE IF NOT EXISTS telemetry_stage (LIKE telemetry) ON COMMIT DELETE ROWS;",
-        )
-        .await?;
-    Ok(client)
-}
-
-/// The enabled IMEIs of the `devices` table.
-pub async fn load_allow_list(c: &Client) -> Result<HashSet<u64>, tokio_postgres::Error> {
-    let rows = c
-        .query("SELECT imei FROM devices WHERE enabled", &[])
-        .await?;
-    Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
 }
 
 /// One transaction: the rows by COPY (into `telemetry`, or through the staging table when
