@@ -2,7 +2,8 @@
 //! external), applies migrations, starts the writer threads, the housekeeper thread and one
 //! glommio executor per shard, waits for SIGTERM/SIGINT (or a shard or writer that dies), then
 //! stops them in reverse order: shards (stop accepting, commit and ack what is in flight,
-//! close), the housekeeper, the writer, then the managed PostgreSQL.
+//! close), the housekeeper, the writer (drained until the shutdown deadline), then the managed
+//! PostgreSQL.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -221,6 +222,11 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             rt.block_on(wait_for_stop(&mut exit_rx))
         }
     };
+    // A writer that died on a fatal database error says which.
+    let stop_reason = stop_reason.map_err(|e| match writer.fatal_error() {
+        Some(fatal) => anyhow!("{e}: {fatal}"),
+        None => e,
+    });
 
     // Stop in reverse order of start: shards, then the writer, then the database.
     let deadline = Instant::now() + cfg.shutdown_timeout() + Duration::from_secs(2);
@@ -233,15 +239,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         }
     }
     housekeeper.stop();
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        writer.join();
-        let _ = done_tx.send(());
-    });
-    if done_rx
-        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        .is_err()
-    {
+    if !writer.close(deadline) {
         tracing::error!("Writer did not flush before the shutdown deadline; unacked records will be resent by the devices.");
         stop_reason?;
         bail!("shutdown deadline passed before the writer flushed");
