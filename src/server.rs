@@ -137,7 +137,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             connections: cfg.writer_connections,
             batch_max_records: cfg.batch_max_records,
             batch_max_delay: cfg.batch_max_delay(),
-            channel_capacity: nr_shards * cfg.max_frames_in_flight_per_shard + 65_536,
+            max_session_events_queued: cfg.max_session_events_queued,
         },
         move || {
             let _ = writer_exit.send(Exit::Writer);

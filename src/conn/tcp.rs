@@ -23,7 +23,7 @@ use crate::shard::pool::ReadBuf;
 use crate::shard::{
     shard_for, shut_read, with_timeout, Shard, ShardMsg, ShardStats, SubmitError, Submitted,
 };
-use crate::sink::{SessionEvent, WriteOutcome, WriterMsg};
+use crate::sink::{SessionEvent, WriteOutcome};
 
 /// How long one reply write may take before the connection is given up.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -176,9 +176,7 @@ fn session_event(
         peer: peer.map(|p| p.to_string()),
         reason,
     };
-    if shard.writer.try_send(WriterMsg::Session(ev)).is_err() {
-        tracing::warn!(shard = shard.id, %imei, event, "Session event dropped: writer queue full.");
-    }
+    shard.writer.send_event(ev);
 }
 
 /// The session of a logged-in device on its owning shard.

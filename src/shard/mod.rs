@@ -34,7 +34,7 @@ use crate::policy::DevicePolicy;
 use crate::protocol::AvlData;
 use crate::protocol::Imei;
 use crate::sink::copy::encode_rows;
-use crate::sink::{WriteOutcome, WriterBatch, WriterMsg};
+use crate::sink::{WriteOutcome, WriterBatch, WriterTx};
 use futures::channel::oneshot;
 use glommio::sync::StaticPermit;
 
@@ -109,7 +109,7 @@ pub struct ShardSpec {
     /// Every shard's inbox, indexed by shard id.
     pub inboxes: Arc<Vec<UnboundedSender<ShardMsg>>>,
     pub inbox: UnboundedReceiver<ShardMsg>,
-    pub writer: crossbeam_channel::Sender<WriterMsg>,
+    pub writer: WriterTx,
     pub policy: Arc<DevicePolicy>,
     pub stats: Arc<ShardStats>,
 }
@@ -120,7 +120,7 @@ pub struct Shard {
     pub nr_shards: usize,
     pub config: Arc<Config>,
     pub inboxes: Arc<Vec<UnboundedSender<ShardMsg>>>,
-    pub writer: crossbeam_channel::Sender<WriterMsg>,
+    pub writer: WriterTx,
     pub policy: Arc<DevicePolicy>,
     pub stats: Arc<ShardStats>,
     pub devices: RefCell<DeviceTable>,
@@ -166,7 +166,7 @@ impl Shard {
             records,
             done: tx,
         };
-        if self.writer.try_send(WriterMsg::Rows(batch)).is_err() {
+        if self.writer.send_rows(batch).is_err() {
             tracing::error!(shard = self.id, %imei, "Writer queue full or gone; records not accepted.");
             return Err(SubmitError::WriterUnavailable);
         }

@@ -20,6 +20,10 @@
 //!   device gets no ack and resends; the error is logged).
 //! - *fatal* (missing table, privilege, authentication, database gone): the thread answers
 //!   what it holds `Failed` and ends; `serve` sees it end and stops with the error.
+//!
+//! Session events (connect, disconnect) are written after the telemetry transaction, in a
+//! statement of their own, so a refused event can only lose itself; they have their own
+//! budget of `max_session_events_queued` (see [`WriterTx::send_event`]).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -73,8 +77,8 @@ pub struct SessionEvent {
     pub reason: Option<String>,
 }
 
-/// What shards send to the writer.
-pub enum WriterMsg {
+/// What crosses the channel to the writer threads.
+enum WriterMsg {
     Rows(WriterBatch),
     Session(SessionEvent),
 }
@@ -87,8 +91,9 @@ pub struct WriterConfig {
     pub connections: usize,
     pub batch_max_records: usize,
     pub batch_max_delay: Duration,
-    /// Capacity of the channel from the shards (messages).
-    pub channel_capacity: usize,
+    /// Session events the writer may hold (queued or waiting for the database) at most; more
+    /// are dropped and counted, so a reconnect storm during an outage costs bounded memory.
+    pub max_session_events_queued: usize,
 }
 
 /// Counters of the writer, readable from any thread.
@@ -104,24 +109,145 @@ pub struct WriterStats {
     /// Of those, batches still failing with a retriable error when the shutdown deadline
     /// passed (or queued behind them).
     pub failed_at_deadline: AtomicU64,
+    /// Session events written to `device_sessions`.
     pub session_events: AtomicU64,
+    /// Session events not kept: the event budget was exhausted, or the writer was gone, or the
+    /// shutdown deadline passed before the database took them.
+    pub session_events_dropped: AtomicU64,
+    /// Session events the database refused (each one logged).
+    pub session_events_refused: AtomicU64,
     pub connected: AtomicU64,
 }
 
-/// State shared by the writer threads and their handle.
+/// State shared by the writer threads and every [`WriterTx`].
 struct Shared {
+    stats: Arc<WriterStats>,
+    /// Session events sent and not yet written or dropped by a writer thread.
+    events_held: AtomicUsize,
+    max_events: usize,
+    /// Paces the "budget exhausted" warning.
+    drop_log: RateLimit,
     /// Writer threads still running.
     live: AtomicUsize,
     /// The error that ended a writer thread, for `serve`'s exit message.
     fatal: Mutex<Option<String>>,
 }
 
+// ===== impl WriterTx =====
+
+/// The shards' side of the writer: cheap to clone, one per shard, usable from any thread.
+///
+/// Rows and session events travel on one channel, which is unbounded: the shards bound what
+/// they hold awaiting commit (frames in flight per connection and per shard, and the bytes of
+/// those frames), and every batch in the channel is one of those, so its length is bounded by
+/// what the shards allow. Session events are not held back by any frame limit, so they have a
+/// budget of their own here ([`WriterConfig::max_session_events_queued`]), and they never take
+/// room from telemetry: a reconnect storm during an outage drops events, not frames.
+#[derive(Clone)]
+pub struct WriterTx {
+    tx: Sender<WriterMsg>,
+    shared: Arc<Shared>,
+}
+
+impl WriterTx {
+    /// Hands a frame's rows to the writer. Never blocks.
+    ///
+    /// # Errors
+    /// Only when the writer is gone (every thread ended: shutdown, or a fatal database error);
+    /// the batch comes back, unanswered.
+    pub fn send_rows(&self, batch: WriterBatch) -> Result<(), WriterBatch> {
+        self.tx.send(WriterMsg::Rows(batch)).map_err(|e| match e.0 {
+            WriterMsg::Rows(b) => b,
+            WriterMsg::Session(_) => unreachable!("sent rows"),
+        })
+    }
+
+    /// Hands a session event to the writer if the event budget allows. Never blocks. `false`:
+    /// the event was dropped (budget exhausted, or writer gone) and counted in
+    /// [`WriterStats::session_events_dropped`]; the events already held are kept and written
+    /// once the database takes them. The budget warning is logged at most every few seconds.
+    pub fn send_event(&self, ev: SessionEvent) -> bool {
+        let s = &*self.shared;
+        let reserved = s
+            .events_held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < s.max_events).then_some(n + 1)
+            })
+            .is_ok();
+        if !reserved {
+            s.stats
+                .session_events_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = s.drop_log.ready() {
+                tracing::warn!(
+                    budget = s.max_events,
+                    imei = ev.imei,
+                    event = ev.event,
+                    dropped_since_last_warning = suppressed + 1,
+                    dropped_total = s.stats.session_events_dropped.load(Ordering::Relaxed),
+                    "Session event budget exhausted: the events already queued are kept and \
+                     written when the database takes them; newer ones are dropped and counted."
+                );
+            }
+            return false;
+        }
+        if self.tx.send(WriterMsg::Session(ev)).is_err() {
+            s.events_held.fetch_sub(1, Ordering::AcqRel);
+            s.stats
+                .session_events_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+}
+
+/// Lets one event through per period and counts the ones it holds back.
+struct RateLimit {
+    start: Instant,
+    period: Duration,
+    /// Milliseconds after `start` when the next event may pass.
+    next_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLimit {
+    fn new(period: Duration) -> RateLimit {
+        RateLimit {
+            start: Instant::now(),
+            period,
+            next_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)`: go ahead, `n` were held back since the last one; `None`: hold back.
+    fn ready(&self) -> Option<u64> {
+        let now = self.start.elapsed().as_millis() as u64;
+        let next = self.next_ms.load(Ordering::Acquire);
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now + self.period.as_millis() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::AcqRel));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
 // ===== impl WriterHandle =====
 
 /// The owner's side of the writer: senders for the shards, the shutdown, the counters.
 pub struct WriterHandle {
-    tx: Sender<WriterMsg>,
-    shared: Arc<Shared>,
+    tx: WriterTx,
     /// Dropped by [`WriterHandle::close`]: wakes idle threads so they see the deadline.
     stop: Sender<()>,
     deadline: watch::Sender<Option<Instant>>,
@@ -137,13 +263,14 @@ const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 impl WriterHandle {
     /// A sender for a shard.
-    pub fn sender(&self) -> Sender<WriterMsg> {
+    pub fn sender(&self) -> WriterTx {
         self.tx.clone()
     }
 
     /// The database error that ended a writer thread, if one did.
     pub fn fatal_error(&self) -> Option<String> {
-        self.shared
+        self.tx
+            .shared
             .fatal
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -162,7 +289,6 @@ impl WriterHandle {
     pub fn close(self, deadline: Instant) -> bool {
         let WriterHandle {
             tx,
-            shared,
             stop,
             deadline: deadline_tx,
             ended,
@@ -170,6 +296,7 @@ impl WriterHandle {
             stats,
         } = self;
         deadline_tx.send_replace(Some(deadline));
+        let shared = tx.shared.clone();
         drop((tx, stop));
         let limit = deadline + CLOSE_GRACE;
         let mut all_ended = true;
@@ -226,13 +353,17 @@ pub fn spawn(
     cfg: WriterConfig,
     on_exit: impl Fn() + Send + Sync + 'static,
 ) -> std::io::Result<WriterHandle> {
-    let (tx, rx) = crossbeam_channel::bounded(cfg.channel_capacity);
+    let (tx, rx) = crossbeam_channel::unbounded();
     let (stop, stop_rx) = crossbeam_channel::bounded::<()>(0);
     let (deadline, deadline_rx) = watch::channel(None);
     let (ended_tx, ended) = crossbeam_channel::unbounded();
     let stats = Arc::new(WriterStats::default());
     let n = cfg.connections.max(1);
     let shared = Arc::new(Shared {
+        stats: stats.clone(),
+        events_held: AtomicUsize::new(0),
+        max_events: cfg.max_session_events_queued,
+        drop_log: RateLimit::new(Duration::from_secs(10)),
         live: AtomicUsize::new(n),
         fatal: Mutex::new(None),
     });
@@ -245,7 +376,6 @@ pub fn spawn(
             stop: stop_rx.clone(),
             deadline: deadline_rx.clone(),
             shared: shared.clone(),
-            stats: stats.clone(),
             rt: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?,
@@ -266,8 +396,7 @@ pub fn spawn(
         threads.push(thread);
     }
     Ok(WriterHandle {
-        tx,
-        shared,
+        tx: WriterTx { tx, shared },
         stop,
         deadline,
         ended,
@@ -295,7 +424,6 @@ struct Writer {
     /// The shutdown deadline, once the owner set one.
     deadline: watch::Receiver<Option<Instant>>,
     shared: Arc<Shared>,
-    stats: Arc<WriterStats>,
     rt: tokio::runtime::Runtime,
     client: Option<Client>,
     backoff: Duration,
@@ -334,7 +462,8 @@ impl Writer {
                     }
                 }
             }
-            self.commit(std::mem::take(&mut batches), std::mem::take(&mut sessions));
+            self.commit(std::mem::take(&mut batches));
+            self.record_sessions(std::mem::take(&mut sessions));
         }
         let last = self.shared.live.fetch_sub(1, Ordering::AcqRel) == 1;
         if self.stopped == Some(Stop::Deadline) || self.deadline_passed() || last {
@@ -382,33 +511,34 @@ impl Writer {
         self.deadline.borrow().is_some_and(|d| Instant::now() >= d)
     }
 
-    /// Answers everything still queued `Failed`; queued session events are lost.
+    /// Answers everything still queued `Failed` and drops queued session events.
     fn fail_queued(&mut self) {
-        let mut failed = 0u64;
+        let (mut failed, mut events) = (0u64, 0usize);
         while let Ok(m) = self.rx.try_recv() {
             match m {
                 WriterMsg::Rows(b) => {
                     failed += 1;
                     let _ = b.done.send(WriteOutcome::Failed);
                 }
-                WriterMsg::Session(_) => {}
+                WriterMsg::Session(_) => events += 1,
             }
         }
-        let st = &self.stats;
+        let st = &self.shared.stats;
         st.failed_batches.fetch_add(failed, Ordering::Relaxed);
         if self.stopped != Some(Stop::Fatal) {
             st.failed_at_deadline.fetch_add(failed, Ordering::Relaxed);
         }
+        self.drop_events(events);
     }
 
-    /// Writes `batches` and `sessions` in one transaction (split when the database refuses
-    /// part of it), then answers every batch.
-    fn commit(&mut self, batches: Vec<WriterBatch>, sessions: Vec<SessionEvent>) {
-        if batches.is_empty() && sessions.is_empty() {
+    /// Writes `batches` in one transaction (split when the database refuses part of it), then
+    /// answers every batch.
+    fn commit(&mut self, batches: Vec<WriterBatch>) {
+        if batches.is_empty() {
             return;
         }
-        let outcomes = self.write_rows(&batches, &sessions);
-        let st = &self.stats;
+        let outcomes = self.write_rows(&batches);
+        let st = &self.shared.stats;
         for (b, ok) in batches.into_iter().zip(outcomes) {
             if ok {
                 st.batches_committed.fetch_add(1, Ordering::Relaxed);
@@ -423,12 +553,13 @@ impl Writer {
     }
 
     /// One flag per batch: committed, or failed for good.
-    fn write_rows(&mut self, batches: &[WriterBatch], sessions: &[SessionEvent]) -> Vec<bool> {
+    fn write_rows(&mut self, batches: &[WriterBatch]) -> Vec<bool> {
         let mut dedup = false;
         loop {
             if let Some(stop) = self.stopped {
                 if stop == Stop::Deadline {
-                    self.stats
+                    self.shared
+                        .stats
                         .failed_at_deadline
                         .fetch_add(batches.len() as u64, Ordering::Relaxed);
                 }
@@ -438,7 +569,7 @@ impl Writer {
                 continue;
             }
             let client = self.client.as_ref().expect("connected");
-            let result = self.until_deadline(write(client, batches, sessions, dedup));
+            let result = self.until_deadline(write(client, batches, dedup));
             let Some(result) = result else {
                 // Cut short: the COMMIT may or may not have happened; Failed is safe either
                 // way (a resend of committed rows is absorbed). The connection is in an
@@ -449,10 +580,8 @@ impl Writer {
             let e = match result {
                 Ok(()) => {
                     self.backoff = BACKOFF_MIN;
-                    let st = &self.stats;
+                    let st = &self.shared.stats;
                     st.transactions.fetch_add(1, Ordering::Relaxed);
-                    st.session_events
-                        .fetch_add(sessions.len() as u64, Ordering::Relaxed);
                     if dedup {
                         st.dedup_transactions.fetch_add(1, Ordering::Relaxed);
                     }
@@ -471,19 +600,91 @@ impl Writer {
                     // Find the batch that causes it: each half on its own.
                     tracing::warn!(error = %db::describe(&e), batches = batches.len(), "Database refused a batch; splitting it.");
                     let mid = batches.len() / 2;
-                    let mut flags = self.write_rows(&batches[..mid], sessions);
-                    flags.extend(self.write_rows(&batches[mid..], &[]));
+                    let mut flags = self.write_rows(&batches[..mid]);
+                    flags.extend(self.write_rows(&batches[mid..]));
                     return flags;
                 }
                 ErrorClass::Duplicate | ErrorClass::Refused => {
-                    tracing::error!(error = %db::describe(&e), records = batches.first().map_or(0, |b| b.records), "Database refused a frame's records; it will not be acked.");
-                    // Sessions alone are retried without the refused rows.
-                    if !batches.is_empty() && !sessions.is_empty() {
-                        self.write_rows(&[], sessions);
-                    }
-                    return vec![false; batches.len()];
+                    tracing::error!(error = %db::describe(&e), records = batches[0].records, "Database refused a frame's records; it will not be acked.");
+                    return vec![false];
                 }
             }
+        }
+    }
+
+    /// Writes the session events in a statement of their own, after the telemetry they
+    /// arrived with, so that an event the database refuses (a NUL byte in a reason: `text`
+    /// refuses it) can fail no frame. Refused events are split down to the offending one,
+    /// which is dropped, counted and logged; the others are written.
+    fn record_sessions(&mut self, sessions: Vec<SessionEvent>) {
+        if !sessions.is_empty() {
+            self.write_sessions(&sessions);
+        }
+    }
+
+    /// Each event leaves the budget here, once its fate is known.
+    fn write_sessions(&mut self, sessions: &[SessionEvent]) {
+        loop {
+            if self.stopped.is_some() {
+                self.drop_events(sessions.len());
+                return;
+            }
+            if !self.ensure_connected() {
+                continue;
+            }
+            let client = self.client.as_ref().expect("connected");
+            let result = self.until_deadline(insert_sessions(client, sessions));
+            let Some(result) = result else {
+                self.cut_short();
+                continue;
+            };
+            let e = match result {
+                Ok(_) => {
+                    self.backoff = BACKOFF_MIN;
+                    self.shared
+                        .events_held
+                        .fetch_sub(sessions.len(), Ordering::AcqRel);
+                    self.shared
+                        .stats
+                        .session_events
+                        .fetch_add(sessions.len() as u64, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => e,
+            };
+            match classify_error(&e) {
+                ErrorClass::Retry => {
+                    self.retry_after(&e, "Writing session events failed; will retry.")
+                }
+                ErrorClass::Fatal => self.fatal(&e, "writing session events"),
+                ErrorClass::Duplicate | ErrorClass::Refused if sessions.len() > 1 => {
+                    let mid = sessions.len() / 2;
+                    self.write_sessions(&sessions[..mid]);
+                    self.write_sessions(&sessions[mid..]);
+                    return;
+                }
+                ErrorClass::Duplicate | ErrorClass::Refused => {
+                    let ev = &sessions[0];
+                    self.shared.events_held.fetch_sub(1, Ordering::AcqRel);
+                    self.shared
+                        .stats
+                        .session_events_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %db::describe(&e), imei = ev.imei, event = ev.event, reason = ?ev.reason, peer = ?ev.peer, "Database refused a session event; it is dropped.");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Session events that will not be written: out of the budget, counted as dropped.
+    fn drop_events(&self, n: usize) {
+        if n > 0 {
+            self.shared.events_held.fetch_sub(n, Ordering::AcqRel);
+            self.shared
+                .stats
+                .session_events_dropped
+                .fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 
@@ -505,12 +706,12 @@ impl Writer {
         match connected {
             Ok(c) => {
                 tracing::info!("Writer connected to the database.");
-                self.stats.connected.store(1, Ordering::Relaxed);
+                self.shared.stats.connected.store(1, Ordering::Relaxed);
                 self.client = Some(c);
                 true
             }
             Err(e) => {
-                self.stats.connected.store(0, Ordering::Relaxed);
+                self.shared.stats.connected.store(0, Ordering::Relaxed);
                 if classify_error(&e) == ErrorClass::Fatal {
                     self.fatal(&e, "connecting");
                 } else {
@@ -524,7 +725,7 @@ impl Writer {
     /// Counts a retriable failure, drops the connection if it is gone, and pauses (back-off,
     /// cut short by the shutdown deadline).
     fn retry_after(&mut self, e: &tokio_postgres::Error, msg: &'static str) {
-        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(error = %db::describe(e), "{msg}");
         if e.is_closed() || e.code().is_none() {
             self.client = None;
@@ -595,16 +796,14 @@ fn push(m: WriterMsg, batches: &mut Vec<WriterBatch>, sessions: &mut Vec<Session
 }
 
 /// One transaction: the rows by COPY (into `telemetry`, or through the staging table when
-/// `dedup`), the session events, commit.
+/// `dedup`), commit.
 async fn write(
     client: &Client,
     batches: &[WriterBatch],
-    sessions: &[SessionEvent],
     dedup: bool,
 ) -> Result<(), tokio_postgres::Error> {
     client.batch_execute("BEGIN").await?;
     let result = async {
-        if !batches.is_empty() {
         let target = if dedup { "telemetry_stage" } else { "telemetry" };
         let sink = client
             .copy_in::<_, Bytes>(&format!(
@@ -623,10 +822,6 @@ async fn write(
                 .execute(&format!("INSERT INTO telemetry ({COLUMNS}) SELECT {COLUMNS} FROM telemetry_stage ON CONFLICT DO NOTHING"), &[])
                 .await?;
         }
-        }
-        if !sessions.is_empty() {
-            insert_sessions(client, sessions).await?;
-        }
         client.batch_execute("COMMIT").await
     }
     .await;
@@ -636,7 +831,7 @@ async fn write(
     result
 }
 
-/// Inserts `s` into `device_sessions`.
+/// One statement (its own implicit transaction) inserting `s` into `device_sessions`.
 async fn insert_sessions(
     client: &Client,
     s: &[SessionEvent],
