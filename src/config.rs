@@ -82,6 +82,9 @@ pub struct Config {
     pub shutdown_timeout_s: u64,
     /// `tracing` filter, e.g. `info` or `fleetgate=debug`.
     pub log: String,
+    /// Writer: device connect/disconnect events held at most while waiting for the database;
+    /// more are dropped and counted. Telemetry never waits for them.
+    pub max_session_events_queued: usize,
 }
 
 /// How logins are checked.
@@ -124,6 +127,7 @@ impl Default for Config {
             retention_days: 0,
             shutdown_timeout_s: 10,
             log: "info".into(),
+            max_session_events_queued: 65_536,
         }
     }
 }
@@ -208,6 +212,9 @@ impl Config {
         }
         if self.partitions_ahead_days < 1 || self.retention_days < 0 {
             return bad("partitions_ahead_days must be >= 1 and retention_days >= 0");
+        }
+        if self.max_session_events_queued == 0 {
+            return bad("max_session_events_queued must be positive");
         }
         Ok(self)
     }

@@ -13,13 +13,17 @@
 //! - [`executor`]: the body of a shard thread: binds its SO_REUSEPORT sockets, accepts, serves
 //!   its inbox, stops in order.
 //! - [`sink`]: the writer core. `sink::copy` is PURE (records -> binary COPY rows, called on
-//!   the shards); `sink::writer` owns the database connection on its own thread and answers
+//!   the shards); `sink::writer` owns the database connections on its own threads and answers
 //!   each batch after its commit.
+//! - [`housekeeper`]: its own thread (and database connection): partition upkeep and
+//!   allow-list reloads on a clock, whether or not any device sends anything.
+//! - [`db`]: connecting to PostgreSQL and the shared queries; async, runs on the tokio runtime
+//!   of whichever thread awaits it (writer threads, the housekeeper thread, the main thread).
 //! - [`pg`]: blocking management of a managed local PostgreSQL (initdb, start, stop) and the
 //!   schema migrations; used by `main` before the shards start, and by the test harness.
 //! - [`server`]: the main thread: starts database, writer and shards, waits for a signal,
 //!   stops them in reverse order.
-//! - [`policy`]: which devices may log in (read by shards, reloaded by the writer).
+//! - [`policy`]: which devices may log in (read by shards, reloaded by the housekeeper).
 //! - [`config`]: serde configuration, defaults and validation.
 //! - [`cli`]: operator tools on the main thread (`fleetgate decode`).
 //! - [`supervise`]: noticing threads that end (any thread).
@@ -27,7 +31,9 @@
 pub mod cli;
 pub mod config;
 pub mod conn;
+pub mod db;
 pub mod executor;
+pub mod housekeeper;
 pub mod pg;
 pub mod policy;
 pub mod protocol;

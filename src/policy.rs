@@ -1,5 +1,5 @@
 //! The device policy: which IMEIs may log in. Shared read-mostly state: the shards read it at
-//! each login, the writer thread reloads the allow-list from the `devices` table.
+//! each login, the housekeeper thread reloads the allow-list from the `devices` table.
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
@@ -41,8 +41,14 @@ impl DevicePolicy {
         }
     }
 
-    /// Replaces the allow-list (the enabled rows of `devices`).
-    pub fn set_allowed(&self, allowed: HashSet<u64>) {
-        *self.allowed.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(allowed);
+    /// Replaces the allow-list (the enabled rows of `devices`). Returns whether the set
+    /// changed, so the reloader can tell the shards only when there is something to act on.
+    pub fn set_allowed(&self, allowed: HashSet<u64>) -> bool {
+        let mut current = self.allowed.write().unwrap_or_else(|p| p.into_inner());
+        if **current == allowed {
+            return false;
+        }
+        *current = Arc::new(allowed);
+        true
     }
 }

@@ -1,8 +1,9 @@
 //! `fleetgate serve` and `fleetgate migrate`: the main thread. Starts the database (managed or
-//! external), applies migrations, starts the writer thread and one glommio executor per shard,
-//! waits for SIGTERM/SIGINT (or a shard that dies), then stops them in reverse order: shards
-//! (stop accepting, commit and ack what is in flight, close), then the writer, then the
-//! managed PostgreSQL.
+//! external), applies migrations, starts the writer threads, the housekeeper thread and one
+//! glommio executor per shard, waits for SIGTERM/SIGINT (or a shard or writer that dies), then
+//! stops them in reverse order: shards (stop accepting, commit and ack what is in flight,
+//! close), the housekeeper, the writer (drained until the shutdown deadline), then the managed
+//! PostgreSQL.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -13,7 +14,9 @@ use futures::channel::mpsc;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::{Config, DevicePolicyKind};
+use crate::db;
 use crate::executor::ShardSpec;
+use crate::housekeeper::{self, HousekeeperConfig};
 use crate::pg::{ManagedPostgres, PgOptions};
 use crate::policy::DevicePolicy;
 use crate::shard::budget::ByteBudget;
@@ -23,6 +26,9 @@ use crate::supervise::OnExit;
 
 /// How long a shard may take to bind and report ready.
 const SHARD_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often the housekeeper maintains the daily partitions.
+const PARTITIONS_EVERY: Duration = Duration::from_secs(3600);
 
 /// The database `serve` talks to: an external URL, or a managed PostgreSQL it stops on exit.
 struct Database {
@@ -58,22 +64,18 @@ fn prepare_database(
     policy: &DevicePolicy,
 ) -> anyhow::Result<()> {
     rt.block_on(async {
-        let (mut client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        let mut client = db::connect(url)
             .await
-            .context("connecting to PostgreSQL")?;
-        let conn = tokio::spawn(conn);
+            .map_err(|e| anyhow!("connecting to PostgreSQL: {}", db::describe(&e)))?;
         crate::pg::migrate(&mut client).await?;
         crate::pg::maintain_partitions(&client, cfg.partitions_ahead_days, cfg.retention_days)
             .await?;
         if policy.kind() == DevicePolicyKind::AllowList {
-            policy.set_allowed(
-                writer::load_allow_list(&client)
-                    .await
-                    .context("loading the allow-list")?,
-            );
+            let allowed = db::load_allow_list(&client)
+                .await
+                .map_err(|e| anyhow!("loading the allow-list: {}", db::describe(&e)))?;
+            policy.set_allowed(allowed);
         }
-        drop(client);
-        let _ = conn.await;
         anyhow::Ok(())
     })
 }
@@ -150,21 +152,34 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             connections: cfg.writer_connections,
             batch_max_records: cfg.batch_max_records,
             batch_max_delay: cfg.batch_max_delay(),
-            channel_capacity: 200_000,
-            partitions_ahead_days: cfg.partitions_ahead_days,
-            retention_days: cfg.retention_days,
-            allow_list_reload: Duration::from_secs(cfg.allow_list_reload_s),
+            max_session_events_queued: cfg.max_session_events_queued,
         },
-        policy.clone(),
         move || {
             let _ = writer_exit.send(Exit::Writer);
         },
     )?;
-
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..nr_shards)
         .map(|_| mpsc::unbounded::<ShardMsg>())
         .unzip();
     let inboxes = Arc::new(senders);
+    let policy_inboxes = inboxes.clone();
+    let housekeeper = housekeeper::spawn(
+        HousekeeperConfig {
+            database_url: db.url.clone(),
+            partitions_ahead_days: cfg.partitions_ahead_days,
+            retention_days: cfg.retention_days,
+            partitions_every: PARTITIONS_EVERY,
+            allow_list_reload: Duration::from_secs(cfg.allow_list_reload_s),
+        },
+        policy.clone(),
+        // New logins are checked against the new set already; each shard ends the live
+        // sessions of devices it no longer admits.
+        move || {
+            for tx in policy_inboxes.iter() {
+                let _ = tx.unbounded_send(ShardMsg::PolicyChanged);
+            }
+        },
+    )?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut shards = Vec::new();
@@ -227,9 +242,18 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                 cfg.api_addr
             );
             tracing::info!(%device_addr, shards = nr_shards, "fleetgate ready.");
-            rt.block_on(wait_for_stop(&mut signals, &mut exit_rx, &mut shards_exited))
+            rt.block_on(wait_for_stop(
+                &mut signals,
+                &mut exit_rx,
+                &mut shards_exited,
+            ))
         }
     };
+    // A writer that died on a fatal database error says which.
+    let stop_reason = stop_reason.map_err(|e| match writer.fatal_error() {
+        Some(fatal) => anyhow!("{e}: {fatal}"),
+        None => e,
+    });
 
     // Stop in reverse order of start: shards, then the writer, then the database. Each shard
     // ends within its shutdown timeout (it aborts what is left then); a shard that does not is
@@ -260,15 +284,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             let _ = h.join();
         }
     }
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        writer.join();
-        let _ = done_tx.send(());
-    });
-    if done_rx
-        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        .is_err()
-    {
+    housekeeper.stop();
+    if !writer.close(deadline) {
         tracing::error!("Writer did not flush before the shutdown deadline; unacked records will be resent by the devices.");
         stop_reason?;
         bail!("shutdown deadline passed before the writer flushed");

@@ -7,30 +7,41 @@
 //! full or its first message has waited `batch_max_delay`, then `block_on` one transaction.
 //! The database connection is driven only inside `block_on`, which is all it needs.
 //!
-//! Failures: a retriable error (connection lost, server shutting down, out of resources) keeps
-//! the batch and retries it, reconnecting with back-off, for as long as it takes: nothing is
-//! answered meanwhile, so shards stop acking and, once their in-flight limits fill, stop
-//! reading. A unique violation means a device resent records already stored (its ack was
-//! lost): the batch is written again through a staging table with `ON CONFLICT DO NOTHING`.
-//! Any other error is split down to the one batch that causes it, which alone is answered
-//! [`WriteOutcome::Failed`] (its device gets no ack and resends; the error is logged).
+//! Failures are sorted by one table, [`classify`](super::classify::classify):
+//! - *retry* (connection lost, server shutting down or out of resources, serialization
+//!   failure, deadlock): the batch is kept and retried, reconnecting with back-off. Nothing is
+//!   answered meanwhile, so shards stop acking and, once their in-flight limits fill, stop
+//!   reading. Retries end at the shutdown deadline ([`WriterHandle::close`]): what is still
+//!   failing then is answered [`WriteOutcome::Failed`], never acked, and resent by its device.
+//! - *duplicate* (a unique violation: a device resent records whose ack was lost): the batch
+//!   is written again through a staging table with `ON CONFLICT DO NOTHING`.
+//! - *refused* (the data: malformed COPY bytes, a value a column refuses): the batch is split
+//!   down to the one frame that causes it, which alone is answered [`WriteOutcome::Failed`] (its
+//!   device gets no ack and resends; the error is logged).
+//! - *fatal* (missing table, privilege, authentication, database gone): the thread answers
+//!   what it holds `Failed` and ends; `serve` sees it end and stops with the error.
+//!
+//! Session events (connect, disconnect) are written after the telemetry transaction, in a
+//! statement of their own, so a refused event can only lose itself; they have their own
+//! budget of `max_session_events_queued` (see [`WriterTx::send_event`]).
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
 use futures::channel::oneshot;
 use futures::SinkExt;
-use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
+use tokio::sync::watch;
+use tokio_postgres::Client;
 
+use super::classify::{classify_error, ErrorClass};
 use super::copy::{COLUMNS, COPY_HEADER, COPY_TRAILER};
-use crate::config::DevicePolicyKind;
-use crate::policy::DevicePolicy;
+use crate::db;
+use crate::supervise::OnExit;
 
 /// Rows of one AVL frame or datagram, crossing from a shard to the writer.
 pub struct WriterBatch {
@@ -40,8 +51,8 @@ pub struct WriterBatch {
     pub records: u32,
     /// Answered once the rows are committed, or have failed for good.
     pub done: oneshot::Sender<WriteOutcome>,
-    /// The shard's room for these rows, released (by dropping the batch) as soon as the batch
-    /// is answered.
+    /// The shard's room for these rows (its memory bound), released as the batch is answered
+    /// and dropped: a device that does not read its acks cannot hold it.
     pub permit: crate::shard::budget::Permit,
 }
 
@@ -50,7 +61,9 @@ pub struct WriterBatch {
 pub enum WriteOutcome {
     /// In a committed transaction: the frame may be acked.
     Committed,
-    /// Refused by the database for good: the frame must not be acked.
+    /// Not known to be committed (refused by the database, or still failing at the shutdown
+    /// deadline): the frame must not be acked. Its device resends it; a copy that did commit
+    /// after all is absorbed as a duplicate.
     Failed,
 }
 
@@ -68,40 +81,13 @@ pub struct SessionEvent {
     pub reason: Option<String>,
 }
 
-/// What shards send to the writer.
-pub enum WriterMsg {
+/// What crosses the channel to the writer threads.
+enum WriterMsg {
     Rows(WriterBatch),
     Session(SessionEvent),
 }
 
-/// The shards' side of the writer (temporary shape; see the writer rework).
-#[derive(Clone)]
-pub struct WriterTx {
-    tx: Sender<WriterMsg>,
-}
-
-impl WriterTx {
-    /// Hands rows to the writer; `Err` gives them back when the writer is gone.
-    pub fn send_rows(&self, b: WriterBatch) -> Result<(), WriterBatch> {
-        self.tx
-            .try_send(WriterMsg::Rows(b))
-            .map_err(|e| match e.into_inner() {
-                WriterMsg::Rows(b) => b,
-                WriterMsg::Session(_) => unreachable!(),
-            })
-    }
-
-    /// A lifecycle event; dropped (and logged) when the queue is full.
-    pub fn send_event(&self, ev: SessionEvent) -> bool {
-        let ok = self.tx.try_send(WriterMsg::Session(ev)).is_ok();
-        if !ok {
-            tracing::warn!("Session event dropped: writer queue full.");
-        }
-        ok
-    }
-}
-
-/// Settings of the writer thread.
+/// Settings of the writer threads.
 #[derive(Clone, Debug)]
 pub struct WriterConfig {
     pub database_url: String,
@@ -109,11 +95,9 @@ pub struct WriterConfig {
     pub connections: usize,
     pub batch_max_records: usize,
     pub batch_max_delay: Duration,
-    /// Capacity of the channel from the shards (messages).
-    pub channel_capacity: usize,
-    pub partitions_ahead_days: i32,
-    pub retention_days: i32,
-    pub allow_list_reload: Duration,
+    /// Session events the writer may hold (queued or waiting for the database) at most; more
+    /// are dropped and counted, so a reconnect storm during an outage costs bounded memory.
+    pub max_session_events_queued: usize,
 }
 
 /// Counters of the writer, readable from any thread.
@@ -124,44 +108,228 @@ pub struct WriterStats {
     pub transactions: AtomicU64,
     pub dedup_transactions: AtomicU64,
     pub retries: AtomicU64,
+    /// Batches answered [`WriteOutcome::Failed`], for any reason.
     pub failed_batches: AtomicU64,
+    /// Of those, batches still failing with a retriable error when the shutdown deadline
+    /// passed (or queued behind them).
+    pub failed_at_deadline: AtomicU64,
+    /// Session events written to `device_sessions`.
     pub session_events: AtomicU64,
+    /// Session events not kept: the event budget was exhausted, or the writer was gone, or the
+    /// shutdown deadline passed before the database took them.
+    pub session_events_dropped: AtomicU64,
+    /// Session events the database refused (each one logged).
+    pub session_events_refused: AtomicU64,
     pub connected: AtomicU64,
 }
 
-/// The shards' side of the writer: a sender, the thread, and its counters.
-pub struct WriterHandle {
+/// State shared by the writer threads and every [`WriterTx`].
+struct Shared {
+    stats: Arc<WriterStats>,
+    /// Session events sent and not yet written or dropped by a writer thread.
+    events_held: AtomicUsize,
+    max_events: usize,
+    /// Paces the "budget exhausted" warning.
+    drop_log: RateLimit,
+    /// Writer threads still running.
+    live: AtomicUsize,
+    /// The error that ended a writer thread, for `serve`'s exit message.
+    fatal: Mutex<Option<String>>,
+}
+
+// ===== impl WriterTx =====
+
+/// The shards' side of the writer: cheap to clone, one per shard, usable from any thread.
+///
+/// Rows and session events travel on one channel, which is unbounded: the shards bound what
+/// they hold awaiting commit (frames in flight per connection and per shard, and the bytes of
+/// those frames), and every batch in the channel is one of those, so its length is bounded by
+/// what the shards allow. Session events are not held back by any frame limit, so they have a
+/// budget of their own here ([`WriterConfig::max_session_events_queued`]), and they never take
+/// room from telemetry: a reconnect storm during an outage drops events, not frames.
+#[derive(Clone)]
+pub struct WriterTx {
     tx: Sender<WriterMsg>,
+    shared: Arc<Shared>,
+}
+
+impl WriterTx {
+    /// Hands a frame's rows to the writer. Never blocks.
+    ///
+    /// # Errors
+    /// Only when the writer is gone (every thread ended: shutdown, or a fatal database error);
+    /// the batch comes back, unanswered.
+    pub fn send_rows(&self, batch: WriterBatch) -> Result<(), WriterBatch> {
+        self.tx.send(WriterMsg::Rows(batch)).map_err(|e| match e.0 {
+            WriterMsg::Rows(b) => b,
+            WriterMsg::Session(_) => unreachable!("sent rows"),
+        })
+    }
+
+    /// Hands a session event to the writer if the event budget allows. Never blocks. `false`:
+    /// the event was dropped (budget exhausted, or writer gone) and counted in
+    /// [`WriterStats::session_events_dropped`]; the events already held are kept and written
+    /// once the database takes them. The budget warning is logged at most every few seconds.
+    pub fn send_event(&self, ev: SessionEvent) -> bool {
+        let s = &*self.shared;
+        let reserved = s
+            .events_held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < s.max_events).then_some(n + 1)
+            })
+            .is_ok();
+        if !reserved {
+            s.stats
+                .session_events_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = s.drop_log.ready() {
+                tracing::warn!(
+                    budget = s.max_events,
+                    imei = ev.imei,
+                    event = ev.event,
+                    dropped_since_last_warning = suppressed + 1,
+                    dropped_total = s.stats.session_events_dropped.load(Ordering::Relaxed),
+                    "Session event budget exhausted: the events already queued are kept and \
+                     written when the database takes them; newer ones are dropped and counted."
+                );
+            }
+            return false;
+        }
+        if self.tx.send(WriterMsg::Session(ev)).is_err() {
+            s.events_held.fetch_sub(1, Ordering::AcqRel);
+            s.stats
+                .session_events_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+}
+
+/// Lets one event through per period and counts the ones it holds back.
+struct RateLimit {
+    start: Instant,
+    period: Duration,
+    /// Milliseconds after `start` when the next event may pass.
+    next_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLimit {
+    fn new(period: Duration) -> RateLimit {
+        RateLimit {
+            start: Instant::now(),
+            period,
+            next_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)`: go ahead, `n` were held back since the last one; `None`: hold back.
+    fn ready(&self) -> Option<u64> {
+        let now = self.start.elapsed().as_millis() as u64;
+        let next = self.next_ms.load(Ordering::Acquire);
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now + self.period.as_millis() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::AcqRel));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+// ===== impl WriterHandle =====
+
+/// The owner's side of the writer: senders for the shards, the shutdown, the counters.
+pub struct WriterHandle {
+    tx: WriterTx,
+    /// Dropped by [`WriterHandle::close`]: wakes idle threads so they see the deadline.
+    stop: Sender<()>,
+    deadline: watch::Sender<Option<Instant>>,
+    /// One message per writer thread that ended.
+    ended: Receiver<()>,
     threads: Vec<JoinHandle<()>>,
     pub stats: Arc<WriterStats>,
 }
 
+/// How long after the deadline [`WriterHandle::close`] waits for threads to answer what they
+/// hold and end; they see the deadline at once, so this is only for a stuck thread.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
+
 impl WriterHandle {
     /// A sender for a shard.
     pub fn sender(&self) -> WriterTx {
-        WriterTx {
-            tx: self.tx.clone(),
-        }
+        self.tx.clone()
     }
 
-    /// Drops this handle's sender and waits until the writer has committed and answered
-    /// everything it was sent (it exits once every sender is gone).
-    pub fn join(self) {
-        drop(self.tx);
-        for t in self.threads {
+    /// The database error that ended a writer thread, if one did.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.tx
+            .shared
+            .fatal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Shuts the writer down: it drains what it was sent (every other sender should be gone
+    /// by now, e.g. the shards stopped), retrying failures until `deadline`. A batch still
+    /// failing with a retriable error at `deadline`, and anything queued behind it, is answered
+    /// [`WriteOutcome::Failed`] (never acked: its device resends), and the threads end. Returns
+    /// within `deadline` plus a short grace.
+    ///
+    /// `true`: everything sent was answered on its merits (committed, or refused for itself)
+    /// and every thread ended. `false`: the deadline cut retries short, a thread had already
+    /// ended on a fatal error, or a thread did not end in time (it is left behind).
+    pub fn close(self, deadline: Instant) -> bool {
+        let WriterHandle {
+            tx,
+            stop,
+            deadline: deadline_tx,
+            ended,
+            threads,
+            stats,
+        } = self;
+        deadline_tx.send_replace(Some(deadline));
+        let shared = tx.shared.clone();
+        drop((tx, stop));
+        let limit = deadline + CLOSE_GRACE;
+        let mut all_ended = true;
+        for _ in 0..threads.len() {
+            if ended.recv_deadline(limit).is_err() {
+                all_ended = false;
+                break;
+            }
+        }
+        if !all_ended {
+            tracing::error!("A writer thread did not end by the shutdown deadline; leaving it.");
+            return false;
+        }
+        for t in threads {
             let _ = t.join();
         }
-    }
-}
-
-/// Calls its function when dropped: at the end of the writer thread, also by a panic.
-struct OnExit<F: FnOnce()>(Option<F>);
-
-impl<F: FnOnce()> Drop for OnExit<F> {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f();
+        let cut_short = stats.failed_at_deadline.load(Ordering::Relaxed);
+        let fatal = shared
+            .fatal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if cut_short > 0 {
+            tracing::error!(
+                batches = cut_short,
+                "Shutdown deadline passed while the database still refused writes; those frames were not acked and will be resent."
+            );
         }
+        cut_short == 0 && !fatal
     }
 }
 
@@ -176,114 +344,98 @@ impl<F: FnOnce()> Drop for OnExit<F> {
 /// A thread cannot be spawned.
 pub fn spawn(
     cfg: WriterConfig,
-    policy: Arc<DevicePolicy>,
     on_exit: impl Fn() + Send + Sync + 'static,
 ) -> std::io::Result<WriterHandle> {
-    let (tx, rx) = crossbeam_channel::bounded(cfg.channel_capacity);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let (stop, stop_rx) = crossbeam_channel::bounded::<()>(0);
+    let (deadline, deadline_rx) = watch::channel(None);
+    let (ended_tx, ended) = crossbeam_channel::unbounded();
     let stats = Arc::new(WriterStats::default());
+    let n = cfg.connections.max(1);
+    let shared = Arc::new(Shared {
+        stats: stats.clone(),
+        events_held: AtomicUsize::new(0),
+        max_events: cfg.max_session_events_queued,
+        drop_log: RateLimit::new(Duration::from_secs(10)),
+        live: AtomicUsize::new(n),
+        fatal: Mutex::new(None),
+    });
     let on_exit = Arc::new(on_exit);
     let mut threads = Vec::new();
-    for n in 0..cfg.connections.max(1) {
-        let (cfg, rx, st, policy, on_exit) = (
-            cfg.clone(),
-            rx.clone(),
-            stats.clone(),
-            policy.clone(),
-            on_exit.clone(),
-        );
+    for i in 0..n {
+        let writer = Writer {
+            cfg: cfg.clone(),
+            rx: rx.clone(),
+            stop: stop_rx.clone(),
+            deadline: deadline_rx.clone(),
+            shared: shared.clone(),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+            client: None,
+            backoff: BACKOFF_MIN,
+            stopped: None,
+        };
+        let (on_exit, ended_tx) = (on_exit.clone(), ended_tx.clone());
         let thread = std::thread::Builder::new()
-            .name(format!("fleetgate-writer-{n}"))
+            .name(format!("fleetgate-writer-{i}"))
             .spawn(move || {
-                let _exit = OnExit(Some(move || on_exit()));
-                // Housekeeping (partitions, allow-list) is the first connection's job.
-                Writer::new(cfg, rx, st, policy, n == 0).run()
+                let _exit = OnExit(Some(move || {
+                    let _ = ended_tx.send(());
+                    on_exit()
+                }));
+                writer.run()
             })?;
         threads.push(thread);
     }
-    Ok(WriterHandle { tx, threads, stats })
+    Ok(WriterHandle {
+        tx: WriterTx { tx, shared },
+        stop,
+        deadline,
+        ended,
+        threads,
+        stats,
+    })
 }
 
-/// Whether an error is worth retrying the same transaction for (after reconnecting).
-pub fn is_retriable(e: &tokio_postgres::Error) -> bool {
-    if e.is_closed() {
-        return true;
-    }
-    match e.code() {
-        // No SQLSTATE: the socket or protocol failed under us.
-        None => true,
-        Some(code) => {
-            let c = code.code();
-            c.starts_with("08") // connection exception
-                || c.starts_with("53") // insufficient resources
-                || c.starts_with("57P") // admin shutdown, crash shutdown, cannot connect now
-                || *code == SqlState::T_R_SERIALIZATION_FAILURE
-                || *code == SqlState::T_R_DEADLOCK_DETECTED
-                || *code == SqlState::LOCK_NOT_AVAILABLE
-        }
-    }
-}
+// ===== impl Writer =====
 
-fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
-    e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+/// Why a writer thread stops retrying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// The shutdown deadline passed.
+    Deadline,
+    /// A fatal database error (see [`ErrorClass::Fatal`]).
+    Fatal,
 }
 
 struct Writer {
     cfg: WriterConfig,
     rx: Receiver<WriterMsg>,
-    stats: Arc<WriterStats>,
-    policy: Arc<DevicePolicy>,
+    /// Disconnected when the owner closes the writer.
+    stop: Receiver<()>,
+    /// The shutdown deadline, once the owner set one.
+    deadline: watch::Receiver<Option<Instant>>,
+    shared: Arc<Shared>,
     rt: tokio::runtime::Runtime,
     client: Option<Client>,
     backoff: Duration,
-    next_partitions: Instant,
-    next_allow_list: Instant,
-    housekeeper: bool,
+    /// Set once nothing more is to be written: everything is answered `Failed` from then on.
+    stopped: Option<Stop>,
 }
 
-const PARTITION_EVERY: Duration = Duration::from_secs(3600);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 impl Writer {
-    fn new(
-        cfg: WriterConfig,
-        rx: Receiver<WriterMsg>,
-        stats: Arc<WriterStats>,
-        policy: Arc<DevicePolicy>,
-        housekeeper: bool,
-    ) -> Writer {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        let now = Instant::now();
-        Writer {
-            cfg,
-            rx,
-            stats,
-            policy,
-            rt,
-            client: None,
-            backoff: BACKOFF_MIN,
-            next_partitions: now + PARTITION_EVERY,
-            next_allow_list: now,
-            housekeeper,
-        }
-    }
-
     fn run(mut self) {
         let mut batches: Vec<WriterBatch> = Vec::new();
         let mut sessions: Vec<SessionEvent> = Vec::new();
         let mut open = true;
-        while open {
-            // Wait for the first message, doing housekeeping while idle.
-            match self.rx.recv_timeout(Duration::from_secs(1)) {
-                Ok(m) => push(m, &mut batches, &mut sessions),
-                Err(RecvTimeoutError::Timeout) => {
-                    self.housekeeping();
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => break,
+        while open && self.stopped.is_none() {
+            match self.next_message() {
+                Some(m) => push(m, &mut batches, &mut sessions),
+                None => break,
             }
             // Gather more until full or the first one has waited long enough.
             let deadline = Instant::now() + self.cfg.batch_max_delay;
@@ -303,142 +455,328 @@ impl Writer {
                     }
                 }
             }
-            self.commit(std::mem::take(&mut batches), std::mem::take(&mut sessions));
-            self.housekeeping();
+            self.commit(std::mem::take(&mut batches));
+            self.record_sessions(std::mem::take(&mut sessions));
         }
-        tracing::info!("Writer stopped: every batch answered.");
+        let last = self.shared.live.fetch_sub(1, Ordering::AcqRel) == 1;
+        if self.stopped == Some(Stop::Deadline) || self.deadline_passed() || last {
+            // Nobody will write what is still queued: answer it now rather than leave shards
+            // waiting. (After a fatal error the other threads keep going; the last one to end
+            // answers for all.)
+            self.fail_queued();
+        }
+        match self.stopped {
+            None => tracing::info!("Writer stopped: every batch answered."),
+            Some(Stop::Deadline) => {
+                tracing::warn!("Writer stopped at the shutdown deadline.")
+            }
+            Some(Stop::Fatal) => tracing::error!("Writer stopped on a fatal database error."),
+        }
     }
 
-    /// Writes `batches` and `sessions` in one transaction, retrying retriable failures until it
-    /// succeeds, then answers every batch.
-    fn commit(&mut self, batches: Vec<WriterBatch>, sessions: Vec<SessionEvent>) {
-        let outcomes = self.write_retrying(&batches, &sessions);
+    /// The next message to start a batch with; `None` when the thread should end: every
+    /// sender is gone, or the owner closed the writer and the deadline passed.
+    fn next_message(&mut self) -> Option<WriterMsg> {
+        loop {
+            // (Copied out: a watch borrow holds a lock, not to be held while blocking.)
+            let deadline = *self.deadline.borrow();
+            if let Some(deadline) = deadline {
+                if Instant::now() >= deadline {
+                    return None;
+                }
+                return self.rx.recv_deadline(deadline).ok();
+            }
+            select! {
+                recv(self.rx) -> m => return m.ok(),
+                recv(self.stop) -> _ => {
+                    // Closed (the deadline is set first), or the handle was dropped without a
+                    // deadline: then wait for the senders to go, as before.
+                    let deadline = *self.deadline.borrow();
+                    if deadline.is_none() {
+                        return self.rx.recv().ok();
+                    }
+                }
+            }
+        }
+    }
+
+    fn deadline_passed(&self) -> bool {
+        self.deadline.borrow().is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Answers everything still queued `Failed` and drops queued session events.
+    fn fail_queued(&mut self) {
+        let (mut failed, mut events) = (0u64, 0usize);
+        while let Ok(m) = self.rx.try_recv() {
+            match m {
+                WriterMsg::Rows(b) => {
+                    failed += 1;
+                    let _ = b.done.send(WriteOutcome::Failed);
+                }
+                WriterMsg::Session(_) => events += 1,
+            }
+        }
+        let st = &self.shared.stats;
+        st.failed_batches.fetch_add(failed, Ordering::Relaxed);
+        if self.stopped != Some(Stop::Fatal) {
+            st.failed_at_deadline.fetch_add(failed, Ordering::Relaxed);
+        }
+        self.drop_events(events);
+    }
+
+    /// Writes `batches` in one transaction (split when the database refuses part of it), then
+    /// answers every batch.
+    fn commit(&mut self, batches: Vec<WriterBatch>) {
+        if batches.is_empty() {
+            return;
+        }
+        let outcomes = self.write_rows(&batches);
+        let st = &self.shared.stats;
         for (b, ok) in batches.into_iter().zip(outcomes) {
             if ok {
-                self.stats.batches_committed.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .records_committed
+                st.batches_committed.fetch_add(1, Ordering::Relaxed);
+                st.records_committed
                     .fetch_add(b.records as u64, Ordering::Relaxed);
                 let _ = b.done.send(WriteOutcome::Committed);
             } else {
-                self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+                st.failed_batches.fetch_add(1, Ordering::Relaxed);
                 let _ = b.done.send(WriteOutcome::Failed);
             }
         }
     }
 
-    /// One flag per batch: committed or failed for good.
-    fn write_retrying(&mut self, batches: &[WriterBatch], sessions: &[SessionEvent]) -> Vec<bool> {
+    /// One flag per batch: committed, or failed for good.
+    fn write_rows(&mut self, batches: &[WriterBatch]) -> Vec<bool> {
         let mut dedup = false;
         loop {
+            if let Some(stop) = self.stopped {
+                if stop == Stop::Deadline {
+                    self.shared
+                        .stats
+                        .failed_at_deadline
+                        .fetch_add(batches.len() as u64, Ordering::Relaxed);
+                }
+                return vec![false; batches.len()];
+            }
             if !self.ensure_connected() {
                 continue;
             }
             let client = self.client.as_ref().expect("connected");
-            let result = self.rt.block_on(write(client, batches, sessions, dedup));
-            match result {
+            let result = self.until_deadline(write(client, batches, dedup));
+            let Some(result) = result else {
+                // Cut short: the COMMIT may or may not have happened; Failed is safe either
+                // way (a resend of committed rows is absorbed). The connection is in an
+                // unknown state.
+                self.cut_short();
+                continue;
+            };
+            let e = match result {
                 Ok(()) => {
                     self.backoff = BACKOFF_MIN;
-                    self.stats.transactions.fetch_add(1, Ordering::Relaxed);
-                    self.stats
-                        .session_events
-                        .fetch_add(sessions.len() as u64, Ordering::Relaxed);
+                    let st = &self.shared.stats;
+                    st.transactions.fetch_add(1, Ordering::Relaxed);
                     if dedup {
-                        self.stats
-                            .dedup_transactions
-                            .fetch_add(1, Ordering::Relaxed);
+                        st.dedup_transactions.fetch_add(1, Ordering::Relaxed);
                     }
                     return vec![true; batches.len()];
                 }
-                Err(e) if is_unique_violation(&e) && !dedup => {
+                Err(e) => e,
+            };
+            match classify_error(&e) {
+                ErrorClass::Duplicate if !dedup => {
                     tracing::debug!("Resent records in batch; writing through the staging table.");
                     dedup = true;
                 }
-                Err(e) if is_retriable(&e) => {
-                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "Database write failed; will retry.");
-                    if e.is_closed() || e.code().is_none() {
-                        self.client = None;
-                    }
-                    self.sleep_backoff();
-                }
-                Err(e) if batches.len() > 1 => {
+                ErrorClass::Retry => self.retry_after(&e, "Database write failed; will retry."),
+                ErrorClass::Fatal => self.fatal(&e, "writing telemetry"),
+                ErrorClass::Duplicate | ErrorClass::Refused if batches.len() > 1 => {
                     // Find the batch that causes it: each half on its own.
-                    tracing::warn!(error = %e, batches = batches.len(), "Database refused a batch; splitting it.");
+                    tracing::warn!(error = %db::describe(&e), batches = batches.len(), "Database refused a batch; splitting it.");
                     let mid = batches.len() / 2;
-                    let mut flags = self.write_retrying(&batches[..mid], sessions);
-                    flags.extend(self.write_retrying(&batches[mid..], &[]));
+                    let mut flags = self.write_rows(&batches[..mid]);
+                    flags.extend(self.write_rows(&batches[mid..]));
                     return flags;
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, records = batches.first().map_or(0, |b| b.records), "Database refused a frame's records; it will not be acked.");
-                    // Sessions alone are retried without the refused rows.
-                    if !batches.is_empty() && !sessions.is_empty() {
-                        self.write_retrying(&[], sessions);
-                    }
-                    return vec![false; batches.len()];
+                ErrorClass::Duplicate | ErrorClass::Refused => {
+                    tracing::error!(error = %db::describe(&e), records = batches[0].records, "Database refused a frame's records; it will not be acked.");
+                    return vec![false];
                 }
             }
         }
     }
 
-    /// (Re)connects if needed; `false` after a failed attempt (and a pause).
+    /// Writes the session events in a statement of their own, after the telemetry they
+    /// arrived with, so that an event the database refuses (a NUL byte in a reason: `text`
+    /// refuses it) can fail no frame. Refused events are split down to the offending one,
+    /// which is dropped, counted and logged; the others are written.
+    fn record_sessions(&mut self, sessions: Vec<SessionEvent>) {
+        if !sessions.is_empty() {
+            self.write_sessions(&sessions);
+        }
+    }
+
+    /// Each event leaves the budget here, once its fate is known.
+    fn write_sessions(&mut self, sessions: &[SessionEvent]) {
+        loop {
+            if self.stopped.is_some() {
+                self.drop_events(sessions.len());
+                return;
+            }
+            if !self.ensure_connected() {
+                continue;
+            }
+            let client = self.client.as_ref().expect("connected");
+            let result = self.until_deadline(insert_sessions(client, sessions));
+            let Some(result) = result else {
+                self.cut_short();
+                continue;
+            };
+            let e = match result {
+                Ok(_) => {
+                    self.backoff = BACKOFF_MIN;
+                    self.shared
+                        .events_held
+                        .fetch_sub(sessions.len(), Ordering::AcqRel);
+                    self.shared
+                        .stats
+                        .session_events
+                        .fetch_add(sessions.len() as u64, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => e,
+            };
+            match classify_error(&e) {
+                ErrorClass::Retry => {
+                    self.retry_after(&e, "Writing session events failed; will retry.")
+                }
+                ErrorClass::Fatal => self.fatal(&e, "writing session events"),
+                ErrorClass::Duplicate | ErrorClass::Refused if sessions.len() > 1 => {
+                    let mid = sessions.len() / 2;
+                    self.write_sessions(&sessions[..mid]);
+                    self.write_sessions(&sessions[mid..]);
+                    return;
+                }
+                ErrorClass::Duplicate | ErrorClass::Refused => {
+                    let ev = &sessions[0];
+                    self.shared.events_held.fetch_sub(1, Ordering::AcqRel);
+                    self.shared
+                        .stats
+                        .session_events_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %db::describe(&e), imei = ev.imei, event = ev.event, reason = ?ev.reason, peer = ?ev.peer, "Database refused a session event; it is dropped.");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Session events that will not be written: out of the budget, counted as dropped.
+    fn drop_events(&self, n: usize) {
+        if n > 0 {
+            self.shared.events_held.fetch_sub(n, Ordering::AcqRel);
+            self.shared
+                .stats
+                .session_events_dropped
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// (Re)connects if needed; `false` after a failed attempt (and a pause), or once stopped.
     fn ensure_connected(&mut self) -> bool {
         if self.client.as_ref().is_some_and(|c| c.is_closed()) {
             self.client = None;
         }
-        if self.client.is_none() {
-            match self.rt.block_on(connect(&self.cfg.database_url)) {
-                Ok(c) => {
-                    tracing::info!("Writer connected to the database.");
-                    self.stats.connected.store(1, Ordering::Relaxed);
-                    self.client = Some(c);
+        if self.client.is_some() {
+            return true;
+        }
+        let connected = match self.until_deadline(db::connect_writer(&self.cfg.database_url)) {
+            None => {
+                self.cut_short();
+                return false;
+            }
+            Some(r) => r,
+        };
+        match connected {
+            Ok(c) => {
+                tracing::info!("Writer connected to the database.");
+                self.shared.stats.connected.store(1, Ordering::Relaxed);
+                self.client = Some(c);
+                true
+            }
+            Err(e) => {
+                self.shared.stats.connected.store(0, Ordering::Relaxed);
+                if classify_error(&e) == ErrorClass::Fatal {
+                    self.fatal(&e, "connecting");
+                } else {
+                    self.retry_after(&e, "Writer cannot reach the database; retrying.");
                 }
-                Err(e) => {
-                    self.stats.connected.store(0, Ordering::Relaxed);
-                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "Writer cannot reach the database; retrying.");
-                    self.sleep_backoff();
-                    return false;
-                }
+                false
             }
         }
-        true
     }
 
-    fn sleep_backoff(&mut self) {
-        std::thread::sleep(self.backoff);
+    /// Counts a retriable failure, drops the connection if it is gone, and pauses (back-off,
+    /// cut short by the shutdown deadline).
+    fn retry_after(&mut self, e: &tokio_postgres::Error, msg: &'static str) {
+        self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %db::describe(e), "{msg}");
+        if e.is_closed() || e.code().is_none() {
+            self.client = None;
+        }
+        let pause = self.backoff;
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        // (A timer must be made inside the runtime: hence the async block.)
+        if self
+            .until_deadline(async move { tokio::time::sleep(pause).await })
+            .is_none()
+        {
+            self.cut_short();
+        }
     }
 
-    /// Partition upkeep (hourly) and allow-list reloads, between batches.
-    fn housekeeping(&mut self) {
-        if !self.housekeeper {
+    /// A fatal error: log it, remember it for `serve`, stop writing.
+    fn fatal(&mut self, e: &tokio_postgres::Error, doing: &str) {
+        let msg = format!("database error {doing}: {}", db::describe(e));
+        tracing::error!(error = %msg, "No retry can fix this database error; the writer stops and what it holds is not acked.");
+        self.shared
+            .fatal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(msg);
+        self.stopped = Some(Stop::Fatal);
+        self.client = None;
+    }
+
+    /// Runs `fut` on this thread's runtime, unless the shutdown deadline passes first: then
+    /// `None` (and the caller calls [`Writer::cut_short`]).
+    fn until_deadline<F: Future>(&self, fut: F) -> Option<F::Output> {
+        let mut deadline = self.deadline.clone();
+        self.rt.block_on(async move {
+            tokio::select! {
+                out = fut => Some(out),
+                () = deadline_reached(&mut deadline) => None,
+            }
+        })
+    }
+
+    /// The shutdown deadline passed: stop writing; the connection (maybe mid-transaction) is
+    /// dropped.
+    fn cut_short(&mut self) {
+        self.stopped = Some(Stop::Deadline);
+        self.client = None;
+    }
+}
+
+/// Completes when the shutdown deadline is set and has passed; never if none is ever set.
+async fn deadline_reached(rx: &mut watch::Receiver<Option<Instant>>) {
+    loop {
+        let deadline = *rx.borrow_and_update();
+        if let Some(d) = deadline {
+            tokio::time::sleep_until(d.into()).await;
             return;
         }
-        let now = Instant::now();
-        if now >= self.next_partitions {
-            self.next_partitions = now + PARTITION_EVERY;
-            let (ahead, retention) = (self.cfg.partitions_ahead_days, self.cfg.retention_days);
-            if let Some(c) = self.client.as_ref() {
-                if let Err(e) = self
-                    .rt
-                    .block_on(crate::pg::maintain_partitions(c, ahead, retention))
-                {
-                    tracing::warn!(error = %e, "Partition maintenance failed; next try in an hour.");
-                }
-            }
-        }
-        if self.policy.kind() == DevicePolicyKind::AllowList && now >= self.next_allow_list {
-            self.next_allow_list = now + self.cfg.allow_list_reload;
-            if let Some(c) = self.client.as_ref() {
-                match self.rt.block_on(load_allow_list(c)) {
-                    Ok(set) => self.policy.set_allowed(set),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "Allow-list reload failed; keeping the last one.")
-                    }
-                }
-            }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 }
@@ -450,58 +788,32 @@ fn push(m: WriterMsg, batches: &mut Vec<WriterBatch>, sessions: &mut Vec<Session
     }
 }
 
-async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "Writer's database connection ended.");
-        }
-    });
-    client
-        .batch_execute(
-            "SET synchronous_commit = on;
-             CREATE TEMP TABLE IF NOT EXISTS telemetry_stage (LIKE telemetry) ON COMMIT DELETE ROWS;",
-        )
-        .await?;
-    Ok(client)
-}
-
-/// The enabled IMEIs of the `devices` table.
-pub async fn load_allow_list(c: &Client) -> Result<HashSet<u64>, tokio_postgres::Error> {
-    let rows = c
-        .query("SELECT imei FROM devices WHERE enabled", &[])
-        .await?;
-    Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
-}
-
 /// One transaction: the rows by COPY (into `telemetry`, or through the staging table when
-/// `dedup`), the session events, commit.
+/// `dedup`), commit.
 async fn write(
     client: &Client,
     batches: &[WriterBatch],
-    sessions: &[SessionEvent],
     dedup: bool,
 ) -> Result<(), tokio_postgres::Error> {
     client.batch_execute("BEGIN").await?;
     let result = async {
-        if !batches.is_empty() {
-            let target = if dedup { "telemetry_stage" } else { "telemetry" };
-            let sink = client.copy_in::<_, Bytes>(&format!("COPY {target} ({COLUMNS}) FROM STDIN (FORMAT binary)")).await?;
-            futures::pin_mut!(sink);
-            sink.feed(Bytes::from_static(COPY_HEADER)).await?;
-            for b in batches {
-                sink.feed(b.rows.clone()).await?;
-            }
-            sink.feed(Bytes::from_static(COPY_TRAILER)).await?;
-            sink.as_mut().finish().await?;
-            if dedup {
-                client
-                    .execute(&format!("INSERT INTO telemetry ({COLUMNS}) SELECT {COLUMNS} FROM telemetry_stage ON CONFLICT DO NOTHING"), &[])
-                    .await?;
-            }
+        let target = if dedup { "telemetry_stage" } else { "telemetry" };
+        let sink = client
+            .copy_in::<_, Bytes>(&format!(
+                "COPY {target} ({COLUMNS}) FROM STDIN (FORMAT binary)"
+            ))
+            .await?;
+        futures::pin_mut!(sink);
+        sink.feed(Bytes::from_static(COPY_HEADER)).await?;
+        for b in batches {
+            sink.feed(b.rows.clone()).await?;
         }
-        if !sessions.is_empty() {
-            insert_sessions(client, sessions).await?;
+        sink.feed(Bytes::from_static(COPY_TRAILER)).await?;
+        sink.as_mut().finish().await?;
+        if dedup {
+            client
+                .execute(&format!("INSERT INTO telemetry ({COLUMNS}) SELECT {COLUMNS} FROM telemetry_stage ON CONFLICT DO NOTHING"), &[])
+                .await?;
         }
         client.batch_execute("COMMIT").await
     }
@@ -512,6 +824,7 @@ async fn write(
     result
 }
 
+/// One statement (its own implicit transaction) inserting `s` into `device_sessions`.
 async fn insert_sessions(
     client: &Client,
     s: &[SessionEvent],
