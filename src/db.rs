@@ -1,4 +1,5 @@
-//! Connecting to PostgreSQL, and the queries more than one thread needs. The functions are
+//! Connecting to PostgreSQL, and the queries more than one thread needs (the allow-list, the
+//! partition upkeep). The functions are
 //! async and run on the tokio runtime of the thread that awaits them: a writer thread, the
 //! housekeeper thread, or the main thread while `serve` starts.
 //!
@@ -53,6 +54,52 @@ pub async fn load_allow_list(c: &Client) -> Result<HashSet<u64>, tokio_postgres:
         .query("SELECT imei FROM devices WHERE enabled", &[])
         .await?;
     Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
+}
+
+/// Creates the daily partitions `telemetry_pYYYYMMDD` (UTC days) from yesterday to
+/// today + `ahead_days`, and drop the daily partitions whose whole day is older than
+/// now - `retention_days` (0: keep forever; the default partition is never dropped). Rows of a
+/// new partition's day that sat in `telemetry_default` are moved into it. With a retention, the
+/// rows of `telemetry_default` and of `device_sessions` whose whole day is older go too (no
+/// partition drop would ever remove them); how many is logged. Returns `(created, dropped)`
+/// partitions. Runs SQL function `fleetgate_maintain_partitions` (migrations V1, V3).
+pub async fn maintain_partitions(
+    client: &tokio_postgres::Client,
+    ahead_days: i32,
+    retention_days: i32,
+) -> Result<(i32, i32), tokio_postgres::Error> {
+    // The function leaves the pruned row counts in transaction-local settings; this statement
+    // reads them in its own transaction, after the function has run (a PL/pgSQL set-returning
+    // function runs to completion before its first row is returned).
+    let row = client
+        .query_one(
+            "SELECT created, dropped,
+                    current_setting('fleetgate.pruned_telemetry_default', true),
+                    current_setting('fleetgate.pruned_device_sessions', true)
+               FROM fleetgate_maintain_partitions($1, $2)",
+            &[&ahead_days, &retention_days],
+        )
+        .await?;
+    let (created, dropped): (i32, i32) = (row.get(0), row.get(1));
+    if created > 0 || dropped > 0 {
+        tracing::info!(created, dropped, "telemetry partitions maintained");
+    }
+    // Unset (NULL, or '' once the setting exists in the session) when nothing was pruned.
+    let pruned = |i: usize| -> i64 {
+        row.get::<_, Option<String>>(i)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let (telemetry_default, device_sessions) = (pruned(2), pruned(3));
+    if telemetry_default > 0 || device_sessions > 0 {
+        tracing::info!(
+            retention_days,
+            telemetry_default,
+            device_sessions,
+            "Retention deleted old rows."
+        );
+    }
+    Ok((created, dropped))
 }
 
 /// An error as one log-friendly line: `tokio_postgres::Error`'s `Display` says only

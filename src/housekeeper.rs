@@ -3,7 +3,7 @@
 //! with back-off), so that a gateway no device is allowed into still learns of a newly enabled
 //! device, and tomorrow's partition exists whether or not anything was written today.
 //!
-//! - Partition upkeep ([`crate::pg::maintain_partitions`]) every `partitions_every` (hourly in
+//! - Partition upkeep ([`crate::db::maintain_partitions`]) every `partitions_every` (hourly in
 //!   `serve`): creates the days ahead, drops those past retention.
 //! - Under the `allow_list` policy, the allow-list is reloaded every `allow_list_reload`; when
 //!   the set of enabled devices changed, `on_allow_list_change` is called (from this thread).
@@ -205,7 +205,7 @@ impl Keeper {
         let client = self.client.take().expect("connected");
         let (ahead, retention) = (self.cfg.partitions_ahead_days, self.cfg.retention_days);
         let result = self
-            .or_stop(crate::pg::maintain_partitions(&client, ahead, retention))
+            .or_stop(db::maintain_partitions(&client, ahead, retention))
             .await;
         self.client = Some(client);
         match result {
@@ -215,12 +215,7 @@ impl Keeper {
                 Ok(())
             }
             Some(Err(e)) => {
-                let error = match &e {
-                    crate::pg::PgError::Db { what, source } => {
-                        format!("{what}: {}", db::describe(source))
-                    }
-                    other => other.to_string(),
-                };
+                let error = db::describe(&e);
                 tracing::warn!(%error, "Partition maintenance failed; trying again soon.");
                 Err(Interrupted::Failed)
             }

@@ -7,17 +7,19 @@
 //! - [`session`]: PURE. A device's TCP session as a sans-IO state machine: handed bytes,
 //!   commit outcomes and the time, it says what to submit, what to write and when to close.
 //! - [`shard`]: state and messages of a shard (one glommio executor per core): its devices,
-//!   connections, read buffers and byte budget. A leaf: runs on a shard.
+//!   connections, read buffers, byte budget, and `shard::copy` (PURE: records -> binary COPY
+//!   rows, encoded on the shard that decoded them). A leaf: runs on a shard.
 //! - [`conn`]: the IO drivers that run on a shard: TCP sessions around [`session`], the UDP
 //!   loop.
 //! - [`executor`]: the body of a shard thread: binds its SO_REUSEPORT sockets, accepts, serves
 //!   its inbox, stops in order.
-//! - [`sink`]: the writer core. `sink::copy` is PURE (records -> binary COPY rows, called on
-//!   the shards); `sink::writer` owns the database connections on its own threads and answers
-//!   each batch after its commit.
+//! - [`sink`]: the writer core: `sink::writer` owns the database connections on its own
+//!   threads and answers each batch after its commit; `sink::classify` (PURE) says what to do
+//!   about each database error.
 //! - [`housekeeper`]: its own thread (and database connection): partition upkeep and
 //!   allow-list reloads on a clock, whether or not any device sends anything.
-//! - [`db`]: connecting to PostgreSQL and the shared queries; async, runs on the tokio runtime
+//! - [`db`]: connecting to PostgreSQL and the shared queries (allow-list, partition upkeep);
+//!   async, runs on the tokio runtime
 //!   of whichever thread awaits it (writer threads, the housekeeper thread, the main thread).
 //! - [`pg`]: blocking management of a managed local PostgreSQL (initdb, start, stop) and the
 //!   schema migrations; used by `main` before the shards start, and by the test harness.

@@ -68,8 +68,9 @@ fn prepare_database(
             .await
             .map_err(|e| anyhow!("connecting to PostgreSQL: {}", db::describe(&e)))?;
         crate::pg::migrate(&mut client).await?;
-        crate::pg::maintain_partitions(&client, cfg.partitions_ahead_days, cfg.retention_days)
-            .await?;
+        db::maintain_partitions(&client, cfg.partitions_ahead_days, cfg.retention_days)
+            .await
+            .map_err(|e| anyhow!("maintaining the partitions: {}", db::describe(&e)))?;
         if policy.kind() == DevicePolicyKind::AllowList {
             let allowed = db::load_allow_list(&client)
                 .await

@@ -6,9 +6,8 @@ mod common;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{connect, test_options, TempDir, TestPg};
-use fleetgate::pg::{
-    find_bin_dir, find_bin_dir_from, maintain_partitions, migrate, ManagedPostgres, PgError,
-};
+use fleetgate::db::maintain_partitions;
+use fleetgate::pg::{find_bin_dir, find_bin_dir_from, migrate, ManagedPostgres, PgError};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 

@@ -10,7 +10,7 @@ use common::gateway::{frame, imei, records, wait_until};
 use common::TestPg;
 use fleetgate::protocol::{decode_frame, Codec, Frame, Status};
 use fleetgate::shard::budget::ByteBudget;
-use fleetgate::sink::copy::encode_rows;
+use fleetgate::shard::copy::encode_rows;
 use fleetgate::sink::writer::{self, WriterConfig, WriterHandle};
 use fleetgate::sink::{SessionEvent, WriteOutcome, WriterBatch};
 use futures::channel::oneshot;

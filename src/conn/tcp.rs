@@ -33,9 +33,9 @@ use glommio::timer::Timer;
 use crate::protocol::Imei;
 use crate::session::{CloseReason, Input, Session};
 use crate::shard::budget::Permit;
+use crate::shard::copy::{encode_rows, rows_len};
 use crate::shard::pool::ReadBuf;
 use crate::shard::{shard_for, unix_now_us, Cancel, ConnGuard, Shard, ShardMsg, ShardStats};
-use crate::sink::copy::{encode_rows, rows_len};
 use crate::sink::{WriteOutcome, WriterBatch};
 
 /// A connection just accepted on this shard.

@@ -14,8 +14,8 @@ use futures::future::{select, Either};
 use glommio::net::UdpSocket;
 
 use crate::protocol::udp::{decode_datagram, encode_ack};
+use crate::shard::copy::{encode_rows, rows_len};
 use crate::shard::{spawn_detached, unix_now_us, Shard, ShardStats};
-use crate::sink::copy::{encode_rows, rows_len};
 use crate::sink::{WriteOutcome, WriterBatch};
 
 /// Largest UDP payload.

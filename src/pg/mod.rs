@@ -11,7 +11,7 @@ pub mod migrate;
 use std::path::PathBuf;
 
 pub use managed::{find_bin_dir, find_bin_dir_from, ManagedPostgres, PgOptions};
-pub use migrate::{maintain_partitions, migrate, migrate_blocking};
+pub use migrate::{migrate, migrate_blocking};
 
 /// Everything that can go wrong while managing the local PostgreSQL or its schema.
 #[derive(Debug, thiserror::Error)]
@@ -139,23 +139,15 @@ where
         .map_err(|e| PgError::io("building the database helper runtime", e))
 }
 
-/// Connect (no TLS: the managed server only listens on a unix socket) and drive the connection
-/// on the current tokio runtime, retrying until `patience` runs out.
+/// [`crate::db::connect`], retrying until `patience` runs out (a server that is starting).
 pub(crate) async fn connect_with_retry(
     url: &str,
     patience: std::time::Duration,
 ) -> Result<tokio_postgres::Client, PgError> {
     let deadline = std::time::Instant::now() + patience;
     loop {
-        match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
-            Ok((client, connection)) => {
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "database connection closed");
-                    }
-                });
-                return Ok(client);
-            }
+        match crate::db::connect(url).await {
+            Ok(client) => return Ok(client),
             Err(e) if std::time::Instant::now() >= deadline => {
                 return Err(PgError::db(format!("connecting to {url}"), e));
             }

@@ -93,8 +93,8 @@ proptest! {
         }
         // The shards reserve exactly what the row encoder writes.
         let mut rows = Vec::new();
-        crate::sink::copy::encode_rows(Imei::new(1).unwrap(), &avl, 0, &mut rows);
-        prop_assert_eq!(crate::sink::copy::rows_len(&avl), rows.len());
+        crate::shard::copy::encode_rows(Imei::new(1).unwrap(), &avl, 0, &mut rows);
+        prop_assert_eq!(crate::shard::copy::rows_len(&avl), rows.len());
     }
 
     /// Any frame, cut anywhere, frames the same as whole.

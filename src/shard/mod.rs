@@ -8,6 +8,7 @@
 //! like any local future. That is the one mechanism for messages into a shard.
 
 pub mod budget;
+pub mod copy;
 pub mod devices;
 pub mod pool;
 

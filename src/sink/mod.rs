@@ -1,6 +1,5 @@
 //! The writer core: everything between decoded records and committed rows.
 //!
-//! - [`copy`]: PURE binary COPY row encoding, called on the shards.
 //! - [`classify`]: PURE, what the writer does about each database error (retry, absorb a
 //!   duplicate, split the batch, or stop).
 //! - [`writer`]: the writer threads (tokio current-thread runtime + tokio-postgres) that own
@@ -8,7 +7,6 @@
 //!   once its transaction has committed. Shards talk to them through a [`WriterTx`].
 
 pub mod classify;
-pub mod copy;
 pub mod writer;
 
 pub use writer::{SessionEvent, WriteOutcome, WriterBatch, WriterHandle, WriterTx};

@@ -39,13 +39,13 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use super::classify::{classify_error, ErrorClass};
-use super::copy::{COLUMNS, COPY_HEADER, COPY_TRAILER};
 use crate::db;
+use crate::shard::copy::{COLUMNS, COPY_HEADER, COPY_TRAILER};
 use crate::supervise::OnExit;
 
 /// Rows of one AVL frame or datagram, crossing from a shard to the writer.
 pub struct WriterBatch {
-    /// Binary COPY rows (no header or trailer), see [`super::copy::encode_rows`].
+    /// Binary COPY rows (no header or trailer), see [`crate::shard::copy::encode_rows`].
     pub rows: Bytes,
     /// How many rows `rows` holds.
     pub records: u32,

@@ -1,7 +1,8 @@
 //! PURE: decoded AVL records -> PostgreSQL binary COPY rows for the `telemetry` table.
 //!
-//! Called on the shards, so the single writer core only concatenates ready-made rows into its
-//! COPY stream; the column order is [`COLUMNS`] (see `migrations/V1__telemetry.sql`).
+//! Called on the shards (hence its place under `shard`), so the writer threads only
+//! concatenate ready-made rows into their COPY stream; the column order is [`COLUMNS`] (see
+//! `migrations/V1__telemetry.sql`).
 
 use xxhash_rust::xxh3::xxh3_64;
 
