@@ -22,9 +22,7 @@ use crate::config::Config;
 use crate::policy::DevicePolicy;
 use crate::session::CloseReason;
 use crate::shard::budget::ByteBudget;
-use crate::shard::{
-    spawn_detached, unix_now_us, with_timeout, Cancel, ConnGuard, Shard, ShardMsg, ShardStats,
-};
+use crate::shard::{spawn_detached, with_timeout, Cancel, ConnGuard, Shard, ShardMsg, ShardStats};
 use crate::sink::WriterTx;
 
 /// What a shard thread is started with.
@@ -149,7 +147,7 @@ async fn expire_devices(shard: Rc<Shard>) {
     let every = (idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
     loop {
         Timer::new(every).await;
-        let before_ms = ((unix_now_us() / 1000) as u64).saturating_sub(idle.as_millis() as u64);
+        let before_ms = (crate::time::unix_now_ms()).saturating_sub(idle.as_millis() as u64);
         shard.devices.borrow_mut().expire(before_ms);
     }
 }

@@ -28,7 +28,7 @@
 //! - [`policy`]: which devices may log in (read by shards, reloaded by the housekeeper).
 //! - [`config`]: serde configuration, defaults and validation.
 //! - [`cli`]: operator tools on the main thread (`fleetgate decode`).
-//! - [`supervise`]: noticing threads that end (any thread).
+//! - [`supervise`]: noticing threads that end (any thread). [`time`]: PURE clock text.
 
 pub mod cli;
 pub mod config;
@@ -44,3 +44,4 @@ pub mod session;
 pub mod shard;
 pub mod sink;
 pub mod supervise;
+pub mod time;

@@ -27,6 +27,7 @@ use crate::protocol::{
     decode_datagram, decode_frame, encode_record_ack, udp, AvlData, AvlRecord, DecodeError, Frame,
     IoValue, Status,
 };
+use crate::time::utc_text;
 
 /// Arguments of `fleetgate decode`.
 #[derive(clap::Args, Debug)]
@@ -291,33 +292,6 @@ fn command_fields(c: &CommandFrame<'_>, m: &mut Map<String, Value>) {
     };
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for a millisecond timestamp up to the year 9999.
-fn utc_text(ts_ms: u64) -> Option<String> {
-    // 9999-12-31T23:59:59.999Z
-    if ts_ms > 253_402_300_799_999 {
-        return None;
-    }
-    let secs = ts_ms / 1000;
-    let (days, sod) = ((secs / 86_400) as i64, secs % 86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    Some(format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        sod / 3600,
-        sod / 60 % 60,
-        sod % 60,
-        ts_ms % 1000
-    ))
-}
-
 #[cfg(test)]
 #[path = "../../tests/fixtures/wiki.rs"]
 mod wiki;
@@ -561,19 +535,5 @@ mod tests {
         let v = one(&hex::encode(&f), false);
         assert_eq!((&v["type"], &v["hex"]), (&json!("0d"), &json!("0001ff")));
         assert!(v.get("text").is_none());
-    }
-
-    #[test]
-    fn utc_text_edges() {
-        assert_eq!(utc_text(0).unwrap(), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            utc_text(951_782_400_123).unwrap(),
-            "2000-02-29T00:00:00.123Z"
-        );
-        assert_eq!(
-            utc_text(253_402_300_799_999).unwrap(),
-            "9999-12-31T23:59:59.999Z"
-        );
-        assert_eq!(utc_text(u64::MAX), None);
     }
 }

@@ -35,7 +35,7 @@ use crate::session::{CloseReason, Input, Session};
 use crate::shard::budget::Permit;
 use crate::shard::copy::{encode_rows, rows_len};
 use crate::shard::pool::ReadBuf;
-use crate::shard::{shard_for, unix_now_us, Cancel, ConnGuard, Shard, ShardMsg, ShardStats};
+use crate::shard::{shard_for, Cancel, ConnGuard, Shard, ShardMsg, ShardStats};
 use crate::sink::{WriteOutcome, WriterBatch};
 
 /// A connection just accepted on this shard.
@@ -278,7 +278,7 @@ impl Driver {
                     };
                     let imei = self.session.imei().expect("AVL only after login");
                     let mut rows = Vec::with_capacity(need);
-                    encode_rows(imei, &avl, unix_now_us(), &mut rows);
+                    encode_rows(imei, &avl, crate::time::unix_now_us(), &mut rows);
                     let (done, rx) = oneshot::channel();
                     let batch = WriterBatch {
                         rows: rows.into(),
@@ -375,7 +375,7 @@ impl Driver {
                         .fetch_add(acked, Ordering::Relaxed);
                     if let Some(imei) = self.session.imei() {
                         self.shard
-                            .stored(imei, acked as u32, (unix_now_us() / 1000) as u64);
+                            .stored(imei, acked as u32, crate::time::unix_now_ms());
                     }
                 }
             }

@@ -15,7 +15,7 @@ use glommio::net::UdpSocket;
 
 use crate::protocol::udp::{decode_datagram, encode_ack};
 use crate::shard::copy::{encode_rows, rows_len};
-use crate::shard::{spawn_detached, unix_now_us, Shard, ShardStats};
+use crate::shard::{spawn_detached, Shard, ShardStats};
 use crate::sink::{WriteOutcome, WriterBatch};
 
 /// Largest UDP payload.
@@ -69,7 +69,7 @@ pub async fn serve(shard: Rc<Shard>, sock: Rc<UdpSocket>) {
         let ack = encode_ack(d.packet_id, d.avl_packet_id, d.avl.count());
         let records = d.avl.count() as u32;
         let mut rows = Vec::with_capacity(need);
-        encode_rows(d.imei, &d.avl, unix_now_us(), &mut rows);
+        encode_rows(d.imei, &d.avl, crate::time::unix_now_us(), &mut rows);
         let (done, rx) = oneshot::channel();
         let batch = WriterBatch {
             rows: rows.into(),

@@ -269,7 +269,7 @@ impl Shard {
 
     /// Counts stored records for `imei` on its owning shard: here, or by message.
     pub fn count_stored(&self, imei: Imei, records: u32) {
-        let at_ms = (unix_now_us() / 1000) as u64;
+        let at_ms = crate::time::unix_now_ms();
         let owner = shard_for(imei, self.nr_shards);
         if owner == self.id {
             self.stored(imei, records, at_ms);
@@ -336,13 +336,6 @@ impl Shard {
     pub fn is_stopping(&self) -> bool {
         self.stopping.peek().is_some()
     }
-}
-
-/// The gateway's clock: microseconds since the Unix epoch.
-pub fn unix_now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// Runs `fut` for at most `dur`; `None` when time ran out.
