@@ -9,37 +9,26 @@
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Duration;
 
-use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
+use futures::channel::mpsc::UnboundedReceiver;
 use futures::future::{select, Either, FutureExt};
 use futures::StreamExt;
 use glommio::net::{TcpListener, UdpSocket};
 use glommio::timer::Timer;
 
 use crate::config::Config;
-use crate::policy::DevicePolicy;
 use crate::session::CloseReason;
-use crate::shard::budget::ByteBudget;
-use crate::shard::{spawn_detached, with_timeout, Cancel, ConnGuard, Shard, ShardMsg, ShardStats};
-use crate::sink::WriterTx;
+use crate::shard::{
+    spawn_detached, with_timeout, Cancel, ConnGuard, Shard, ShardLinks, ShardMsg, ShardStats,
+};
 
 /// What a shard thread is started with.
 pub struct ShardSpec {
-    pub shard_id: usize,
-    pub nr_shards: usize,
-    pub config: Arc<Config>,
+    pub links: ShardLinks,
     /// The resolved device address (port already chosen).
     pub device_addr: SocketAddr,
-    /// Every shard's inbox, indexed by shard id.
-    pub inboxes: Arc<Vec<UnboundedSender<ShardMsg>>>,
     pub inbox: UnboundedReceiver<ShardMsg>,
-    pub writer: WriterTx,
-    pub policy: Arc<DevicePolicy>,
-    pub stats: Arc<ShardStats>,
-    /// The shard's memory bound (readable by the main thread for metrics).
-    pub budget: ByteBudget,
 }
 
 /// How long connections get, after the shutdown deadline aborted them, to be gone.
@@ -56,18 +45,12 @@ pub async fn run(
     shutdown_timeout: Duration,
 ) {
     let ShardSpec {
-        shard_id,
-        nr_shards,
-        config,
+        links,
         device_addr,
-        inboxes,
         mut inbox,
-        writer,
-        policy,
-        stats,
-        budget,
     } = spec;
-    let bound = bind_device_sockets(device_addr, &config)
+    let shard_id = links.id;
+    let bound = bind_device_sockets(device_addr, &links.config)
         .map_err(|e| format!("shard {shard_id}: cannot bind {device_addr}: {e}"));
     let (listener, udp) = match bound {
         Ok(x) => x,
@@ -77,17 +60,7 @@ pub async fn run(
         }
     };
     let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
-    let shard = Rc::new(Shard::new(
-        shard_id,
-        nr_shards,
-        config,
-        inboxes,
-        writer,
-        policy,
-        stats,
-        budget,
-        stop_rx.shared(),
-    ));
+    let shard = Rc::new(Shard::new(links, stop_rx.shared()));
     let _ = ready.send(Ok(()));
     tracing::info!(shard = shard_id, addr = %device_addr, "Shard listening.");
 
@@ -110,6 +83,19 @@ pub async fn run(
                 at_ms,
             } => shard.stored(imei, records, at_ms),
             ShardMsg::PolicyChanged => shard.enforce_policy(),
+            ShardMsg::ListDevices {
+                range,
+                after,
+                limit,
+                reply,
+            } => {
+                let page = shard.devices.borrow().page(shard.id, range, after, limit);
+                let _ = reply.send(page);
+            }
+            ShardMsg::GetDevice { imei, reply } => {
+                let _ = reply.send(shard.devices.borrow().info(shard.id, imei));
+            }
+            ShardMsg::SendCommand { id, imei, frame } => shard.send_command(id, imei, frame),
             ShardMsg::Shutdown => break,
         }
     }

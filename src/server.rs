@@ -20,7 +20,7 @@ use crate::housekeeper::{self, HousekeeperConfig};
 use crate::pg::{ManagedPostgres, PgOptions};
 use crate::policy::DevicePolicy;
 use crate::shard::budget::ByteBudget;
-use crate::shard::{ShardMsg, ShardStats};
+use crate::shard::{ShardLinks, ShardMsg, ShardStats};
 use crate::sink::writer::{self, WriterConfig};
 use crate::supervise::OnExit;
 
@@ -164,6 +164,9 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         .unzip();
     let inboxes = Arc::new(senders);
     let policy_inboxes = inboxes.clone();
+    // The control thread comes with the API; until then its channel is drained here.
+    let (control_tx, mut control_rx) = crate::control::channel();
+    std::thread::spawn(move || while control_rx.blocking_recv().is_some() {});
     let housekeeper = housekeeper::spawn(
         HousekeeperConfig {
             database_url: db.url.clone(),
@@ -186,16 +189,19 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let mut shards = Vec::new();
     for (shard_id, inbox) in receivers.into_iter().enumerate() {
         let spec = ShardSpec {
-            shard_id,
-            nr_shards,
-            config: cfg.clone(),
+            links: ShardLinks {
+                id: shard_id,
+                nr_shards,
+                config: cfg.clone(),
+                inboxes: inboxes.clone(),
+                writer: writer.sender(),
+                control: control_tx.clone(),
+                policy: policy.clone(),
+                stats: Arc::new(ShardStats::default()),
+                budget: ByteBudget::new(cfg.max_bytes_in_flight_per_shard),
+            },
             device_addr,
-            inboxes: inboxes.clone(),
             inbox,
-            writer: writer.sender(),
-            policy: policy.clone(),
-            stats: Arc::new(ShardStats::default()),
-            budget: ByteBudget::new(cfg.max_bytes_in_flight_per_shard),
         };
         let (ready, exit, timeout) = (ready_tx.clone(), exit_tx.clone(), cfg.shutdown_timeout());
         let placement = if cfg.pin_cpus {

@@ -30,12 +30,13 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
 
+use crate::control::ControlMsg;
 use crate::protocol::Imei;
 use crate::session::{CloseReason, Input, Session};
 use crate::shard::budget::Permit;
 use crate::shard::copy::{encode_rows, rows_len};
 use crate::shard::pool::ReadBuf;
-use crate::shard::{shard_for, Cancel, ConnGuard, Shard, ShardMsg, ShardStats};
+use crate::shard::{shard_for, Cancel, ConnGuard, Fix, Shard, ShardMsg, ShardStats, Signal};
 use crate::sink::{WriteOutcome, WriterBatch};
 
 /// A connection just accepted on this shard.
@@ -127,7 +128,17 @@ async fn logged_in(mut d: Driver, mut rb: ReadBuf, imei: Imei, peer: Option<Sock
         old.cancel(Cancel::Abort(CloseReason::Replaced));
     }
     d.session.accept_login(Instant::now());
+    d.conn.ctl.live.peer.set(peer);
+    d.conn
+        .ctl
+        .live
+        .connected_at_ms
+        .set(crate::time::unix_now_ms());
     ShardStats::inc(&shard.stats.logins_accepted);
+    let _ = shard.control.send(ControlMsg::DeviceOnline {
+        imei,
+        shard: shard.id,
+    });
     tracing::debug!(shard = shard.id, %imei, peer = ?peer, "Device logged in.");
     shard.session_event(imei, "connect", peer, None);
     let reason = match d.run(&mut rb).await {
@@ -135,7 +146,15 @@ async fn logged_in(mut d: Driver, mut rb: ReadBuf, imei: Imei, peer: Option<Sock
         Ended::Login(_) => unreachable!("a session logs in once"),
     };
     count_close(&shard, reason);
-    shard.devices.borrow_mut().detach(imei, conn_id);
+    if let Some(id) = d.session.command_in_flight() {
+        let _ = shard
+            .control
+            .send(ControlMsg::CommandUndelivered { id, imei });
+    }
+    // A replaced session leaves the device online on its successor.
+    if shard.devices.borrow_mut().detach(imei, conn_id) {
+        let _ = shard.control.send(ControlMsg::DeviceOffline { imei });
+    }
     tracing::debug!(shard = shard.id, %imei, %reason, "Device disconnected.");
     shard.session_event(imei, "disconnect", peer, Some(reason.to_string()));
 }
@@ -167,7 +186,7 @@ enum Ended {
 
 /// One thing that happened to a connection.
 enum Event {
-    Cancel(Cancel),
+    Signal(Signal),
     Commit(u64, WriteOutcome),
     Written(io::Result<()>),
     Read(io::Result<usize>),
@@ -264,6 +283,7 @@ impl Driver {
                 }
                 Input::Avl { seq, avl, used } => {
                     ShardStats::inc(&self.shard.stats.frames_received);
+                    self.note_frame(&avl);
                     let need = rows_len(&avl);
                     let permit = match self.shard.budget.try_acquire(need) {
                         Some(p) => p,
@@ -298,6 +318,23 @@ impl Driver {
         }
     }
 
+    /// The frame's arrival and its last position, for the API.
+    fn note_frame(&self, avl: &crate::protocol::AvlData<'_>) {
+        let live = &self.conn.ctl.live;
+        live.last_frame_ms.set(crate::time::unix_now_ms());
+        if let Some(r) = avl.records().last() {
+            live.last_fix.set(Some(Fix {
+                ts_ms: r.ts_ms(),
+                lat: r.lat(),
+                lon: r.lon(),
+                alt: r.alt(),
+                angle: r.angle(),
+                sats: r.sats(),
+                speed: r.speed(),
+            }));
+        }
+    }
+
     /// Waits for `need` bytes of the shard's budget while still answering commits, finishing
     /// writes and obeying cancellation; `None` when the session ended meanwhile.
     async fn wait_for_budget(&mut self, need: usize) -> Option<Permit> {
@@ -322,8 +359,8 @@ impl Driver {
 
     /// The next event; reads only when given the read buffer and the session wants input.
     fn poll_event(&mut self, cx: &mut Context<'_>, rb: Option<&mut ReadBuf>) -> Poll<Event> {
-        if let Poll::Ready(c) = self.conn.ctl.poll_cancel(cx) {
-            return Poll::Ready(Event::Cancel(c));
+        if let Poll::Ready(s) = self.conn.ctl.poll_signal(cx) {
+            return Poll::Ready(Event::Signal(s));
         }
         if let Poll::Ready(Some((seq, o))) = self.commits.poll_next_unpin(cx) {
             return Poll::Ready(Event::Commit(seq, o));
@@ -362,8 +399,22 @@ impl Driver {
     fn apply(&mut self, ev: Event) {
         let now = Instant::now();
         match ev {
-            Event::Cancel(Cancel::Graceful(r)) => self.session.close(r),
-            Event::Cancel(Cancel::Abort(r)) => self.session.abort(r),
+            Event::Signal(Signal::Cancel(Cancel::Graceful(r))) => self.session.close(r),
+            Event::Signal(Signal::Cancel(Cancel::Abort(r))) => self.session.abort(r),
+            Event::Signal(Signal::Command { id, frame }) => {
+                let imei = self
+                    .session
+                    .imei()
+                    .expect("commands go to logged-in devices");
+                let msg = if self.session.send_command(id, &frame, now) {
+                    let live = &self.conn.ctl.live;
+                    live.commands_sent.set(live.commands_sent.get() + 1);
+                    ControlMsg::CommandSent { id, imei }
+                } else {
+                    ControlMsg::CommandUndelivered { id, imei }
+                };
+                let _ = self.shard.control.send(msg);
+            }
             Event::Commit(seq, o) => {
                 let before = self.session.stats().records_acked;
                 self.session.on_commit(seq, o);
@@ -383,8 +434,33 @@ impl Driver {
             Event::Read(Ok(0)) => self.session.on_read_end(CloseReason::ClosedByPeer),
             Event::Read(Ok(n)) => self.session.on_bytes_read(n, now),
             Event::Read(Err(_)) => self.session.on_read_end(CloseReason::ReadError),
-            Event::Timer => self.session.handle_timeout(now),
+            Event::Timer => {
+                self.session.handle_timeout(now);
+                if let Some(id) = self.session.take_command_timeout() {
+                    let imei = self
+                        .session
+                        .imei()
+                        .expect("commands go to logged-in devices");
+                    let _ = self
+                        .shard
+                        .control
+                        .send(ControlMsg::CommandTimedOut { id, imei });
+                }
+            }
         }
+        self.show_live();
+    }
+
+    /// Copies the session's counters where the shard (and so the API) sees them.
+    fn show_live(&self) {
+        let (live, st) = (&self.conn.ctl.live, self.session.stats());
+        if st.bytes_sent > live.bytes_sent.get() {
+            live.last_sent_ms.set(crate::time::unix_now_ms());
+        }
+        live.bytes_received.set(st.bytes_received);
+        live.bytes_sent.set(st.bytes_sent);
+        live.frames.set(st.frames);
+        live.records.set(st.records_acked);
     }
 
     /// Keeps a timer armed no later than the session's next deadline. A deadline that moved

@@ -6,11 +6,13 @@
 //! ([`DeviceTable::expire`]), and at most `capacity` entries exist (spoofed UDP IMEIs cannot
 //! grow it without end; what does not fit is counted, not tracked).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::rc::Rc;
 
 use super::ConnCtl;
 use crate::protocol::Imei;
+use crate::time::utc_text;
 
 /// One owned device.
 #[derive(Debug, Default)]
@@ -23,17 +25,18 @@ pub struct Device {
     pub last_seen_ms: u64,
 }
 
-/// IMEI -> device, for the live devices this shard owns.
+/// IMEI -> device, for the live devices this shard owns; ordered, so that the API pages
+/// through them by IMEI without sorting.
 #[derive(Debug)]
 pub struct DeviceTable {
-    devices: HashMap<Imei, Device>,
+    devices: BTreeMap<Imei, Device>,
     capacity: usize,
 }
 
 impl DeviceTable {
     pub fn new(capacity: usize) -> DeviceTable {
         DeviceTable {
-            devices: HashMap::new(),
+            devices: BTreeMap::new(),
             capacity,
         }
     }
@@ -44,15 +47,17 @@ impl DeviceTable {
         self.devices.entry(imei).or_default().conn.replace(conn)
     }
 
-    /// Connection `conn_id` no longer serves `imei`: the entry goes (unless it was replaced).
-    pub fn detach(&mut self, imei: Imei, conn_id: u64) {
-        if self
+    /// Connection `conn_id` no longer serves `imei`: the entry goes, unless a newer connection
+    /// replaced it (`false`: the device is still connected).
+    pub fn detach(&mut self, imei: Imei, conn_id: u64) -> bool {
+        let ours = self
             .devices
             .get(&imei)
-            .is_some_and(|d| d.conn.as_ref().is_some_and(|c| c.id == conn_id))
-        {
+            .is_some_and(|d| d.conn.as_ref().is_some_and(|c| c.id == conn_id));
+        if ours {
             self.devices.remove(&imei);
         }
+        ours
     }
 
     /// Counts a stored frame; `false` when the device has no entry and the table is full.
@@ -82,6 +87,31 @@ impl DeviceTable {
             .filter_map(|(i, d)| d.conn.as_ref().map(|c| (*i, c)))
     }
 
+    /// Up to `limit` connected devices with an IMEI in `range`, after `after`, in IMEI order.
+    pub fn page(
+        &self,
+        shard: usize,
+        range: (Imei, Imei),
+        after: Option<Imei>,
+        limit: usize,
+    ) -> Vec<DeviceInfo> {
+        let lo = match after {
+            Some(a) if a >= range.0 => Bound::Excluded(a),
+            _ => Bound::Included(range.0),
+        };
+        self.devices
+            .range((lo, Bound::Included(range.1)))
+            .filter_map(|(i, d)| d.conn.as_ref().map(|c| DeviceInfo::of(*i, shard, c)))
+            .take(limit)
+            .collect()
+    }
+
+    /// The live session of `imei`, if it is connected here.
+    pub fn info(&self, shard: usize, imei: Imei) -> Option<DeviceInfo> {
+        let d = self.devices.get(&imei)?;
+        d.conn.as_ref().map(|c| DeviceInfo::of(imei, shard, c))
+    }
+
     pub fn get(&self, imei: Imei) -> Option<&Device> {
         self.devices.get(&imei)
     }
@@ -95,18 +125,75 @@ impl DeviceTable {
     }
 }
 
+/// A connected device as the API shows it (`GET /api/v1/devices[/{imei}]`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct DeviceInfo {
+    /// The 15 digits.
+    pub imei: String,
+    pub shard: usize,
+    pub transport: &'static str,
+    pub remote_addr: Option<String>,
+    pub connected_since: Option<String>,
+    /// When the last frame was received, and when bytes were last sent to the device.
+    pub last_frame_at: Option<String>,
+    pub last_sent_at: Option<String>,
+    pub frames_received: u64,
+    pub records_received: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub commands_sent: u64,
+    pub last_position: Option<Position>,
+}
+
+/// The last position a device reported.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Position {
+    /// The device's time of the fix.
+    pub time: Option<String>,
+    pub lat: f64,
+    pub lon: f64,
+    pub alt: i16,
+    pub angle: u16,
+    pub sats: u8,
+    pub speed: u16,
+}
+
+impl DeviceInfo {
+    fn of(imei: Imei, shard: usize, c: &ConnCtl) -> DeviceInfo {
+        let l = &c.live;
+        let when = |ms: u64| (ms > 0).then(|| utc_text(ms)).flatten();
+        DeviceInfo {
+            imei: imei.to_string(),
+            shard,
+            transport: "tcp",
+            remote_addr: l.peer.get().map(|p| p.to_string()),
+            connected_since: when(l.connected_at_ms.get()),
+            last_frame_at: when(l.last_frame_ms.get()),
+            last_sent_at: when(l.last_sent_ms.get()),
+            frames_received: l.frames.get(),
+            records_received: l.records.get(),
+            bytes_received: l.bytes_received.get(),
+            bytes_sent: l.bytes_sent.get(),
+            commands_sent: l.commands_sent.get(),
+            last_position: l.last_fix.get().map(|f| Position {
+                time: utc_text(f.ts_ms),
+                lat: f.lat,
+                lon: f.lon,
+                alt: f.alt,
+                angle: f.angle,
+                sats: f.sats,
+                speed: f.speed,
+            }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::{Cell, RefCell};
 
     fn ctl(id: u64) -> Rc<ConnCtl> {
-        Rc::new(ConnCtl {
-            id,
-            fd: -1,
-            signal: Cell::new(None),
-            waker: RefCell::new(None),
-        })
+        Rc::new(ConnCtl::new(id, -1))
     }
 
     fn imei(n: u64) -> Imei {
@@ -135,5 +222,30 @@ mod tests {
         assert!(t.get(imei(2)).is_none());
         assert!(t.stored(imei(4), 1, 3_000));
         assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn pages_in_imei_order_within_a_range_and_only_connected_devices() {
+        let mut t = DeviceTable::new(100);
+        for n in [5, 1, 9, 3, 7] {
+            t.attach(imei(n), ctl(n));
+        }
+        t.stored(imei(4), 1, 1); // UDP only: not listed
+        let all = (imei(0), imei(99));
+        let ids = |v: Vec<DeviceInfo>| v.into_iter().map(|d| d.imei).collect::<Vec<_>>();
+        assert_eq!(
+            ids(t.page(0, all, None, 3)),
+            [imei(1), imei(3), imei(5)].map(|i| i.to_string())
+        );
+        assert_eq!(
+            ids(t.page(0, all, Some(imei(5)), 3)),
+            [imei(7), imei(9)].map(|i| i.to_string())
+        );
+        assert_eq!(
+            ids(t.page(0, (imei(3), imei(7)), Some(imei(3)), 10)),
+            [imei(5), imei(7)].map(|i| i.to_string())
+        );
+        assert!(t.info(0, imei(4)).is_none());
+        assert_eq!(t.info(0, imei(9)).unwrap().shard, 0);
     }
 }

@@ -13,7 +13,7 @@ pub mod devices;
 pub mod pool;
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::{OwnedFd, RawFd};
 use std::rc::Rc;
@@ -28,13 +28,14 @@ use glommio::sync::Gate;
 use glommio::timer::Timer;
 
 use crate::config::Config;
+use crate::control::ControlTx;
 use crate::policy::DevicePolicy;
 use crate::protocol::Imei;
 use crate::session::{CloseReason, SessionConfig};
 use crate::sink::{SessionEvent, WriterTx};
 
 use budget::ByteBudget;
-use devices::DeviceTable;
+use devices::{DeviceInfo, DeviceTable};
 use pool::BufferPool;
 
 /// The shard that owns `imei`: a well-mixed hash of the IMEI modulo the shard count.
@@ -65,6 +66,22 @@ pub enum ShardMsg {
     },
     /// The device policy changed: end the sessions of devices it no longer admits.
     PolicyChanged,
+    /// The connected devices with an IMEI in `range`, after `after`, at most `limit`, in IMEI
+    /// order (one page of `GET /api/v1/devices`, merged over the shards by the API).
+    ListDevices {
+        range: (Imei, Imei),
+        after: Option<Imei>,
+        limit: usize,
+        reply: futures::channel::oneshot::Sender<Vec<DeviceInfo>>,
+    },
+    /// The live session of a device this shard owns, if it is connected.
+    GetDevice {
+        imei: Imei,
+        reply: futures::channel::oneshot::Sender<Option<DeviceInfo>>,
+    },
+    /// Send command `id` (its encoded Codec 12/14 frame) to a device this shard owns; the
+    /// outcome comes back on the control channel.
+    SendCommand { id: i64, imei: Imei, frame: Vec<u8> },
     /// Stop accepting, finish what is in flight, close, exit.
     Shutdown,
 }
@@ -112,39 +129,103 @@ pub enum Cancel {
     Abort(CloseReason),
 }
 
-/// The shard's handle on one open connection: how anyone on the shard (replacement, policy
-/// change, shutdown) ends it, whatever it awaits. The connection's task polls
-/// [`ConnCtl::poll_cancel`] alongside everything else it waits for.
+/// What the shard tells a connection's task.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Signal {
+    Cancel(Cancel),
+    /// Send command `id` (its encoded frame) to the device.
+    Command {
+        id: i64,
+        frame: Vec<u8>,
+    },
+}
+
+/// The shard's handle on one open connection: how anyone on the shard ends it (replacement,
+/// policy change, shutdown) whatever it awaits, or hands it a command; and what the session
+/// shows of itself (its [`LiveInfo`]). The connection's task polls [`ConnCtl::poll_signal`]
+/// alongside everything else it waits for.
 #[derive(Debug)]
 pub struct ConnCtl {
     pub id: u64,
     pub fd: RawFd,
-    signal: Cell<Option<Cancel>>,
+    pub live: LiveInfo,
+    cancel: Cell<Option<Cancel>>,
+    commands: RefCell<VecDeque<(i64, Vec<u8>)>>,
     waker: RefCell<Option<Waker>>,
 }
 
+/// A live session as the API shows it, kept current by the connection's task (plain cells:
+/// only this shard reads or writes them).
+#[derive(Debug, Default)]
+pub struct LiveInfo {
+    pub peer: Cell<Option<SocketAddr>>,
+    pub connected_at_ms: Cell<u64>,
+    pub last_frame_ms: Cell<u64>,
+    pub last_sent_ms: Cell<u64>,
+    pub frames: Cell<u64>,
+    pub records: Cell<u64>,
+    pub bytes_received: Cell<u64>,
+    pub bytes_sent: Cell<u64>,
+    pub commands_sent: Cell<u64>,
+    pub last_fix: Cell<Option<Fix>>,
+}
+
+/// A position report: the last record of the last frame.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct Fix {
+    pub ts_ms: u64,
+    pub lat: f64,
+    pub lon: f64,
+    pub alt: i16,
+    pub angle: u16,
+    pub sats: u8,
+    pub speed: u16,
+}
+
 impl ConnCtl {
+    fn new(id: u64, fd: RawFd) -> ConnCtl {
+        ConnCtl {
+            id,
+            fd,
+            live: LiveInfo::default(),
+            cancel: Cell::new(None),
+            commands: RefCell::new(VecDeque::new()),
+            waker: RefCell::new(None),
+        }
+    }
+
     /// Tells the connection to end; an abort outranks a graceful close.
     pub fn cancel(&self, c: Cancel) {
-        let merged = match (self.signal.get(), c) {
+        let merged = match (self.cancel.get(), c) {
             (Some(a @ Cancel::Abort(_)), Cancel::Graceful(_)) => a,
             _ => c,
         };
-        self.signal.set(Some(merged));
+        self.cancel.set(Some(merged));
+        self.wake();
+    }
+
+    /// Hands command `id` to the connection.
+    pub fn send_command(&self, id: i64, frame: Vec<u8>) {
+        self.commands.borrow_mut().push_back((id, frame));
+        self.wake();
+    }
+
+    fn wake(&self) {
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
         }
     }
 
-    /// The cancellation sent since the last call, if any.
-    pub fn poll_cancel(&self, cx: &mut Context<'_>) -> Poll<Cancel> {
-        match self.signal.take() {
-            Some(c) => Poll::Ready(c),
-            None => {
-                *self.waker.borrow_mut() = Some(cx.waker().clone());
-                Poll::Pending
-            }
+    /// The next signal for the connection (a cancellation first), if any.
+    pub fn poll_signal(&self, cx: &mut Context<'_>) -> Poll<Signal> {
+        if let Some(c) = self.cancel.take() {
+            return Poll::Ready(Signal::Cancel(c));
         }
+        if let Some((id, frame)) = self.commands.borrow_mut().pop_front() {
+            return Poll::Ready(Signal::Command { id, frame });
+        }
+        *self.waker.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
     }
 }
 
@@ -166,12 +247,7 @@ impl ConnGuard {
             );
             return None;
         }
-        let ctl = Rc::new(ConnCtl {
-            id: shard.next_conn_id(),
-            fd,
-            signal: Cell::new(None),
-            waker: RefCell::new(None),
-        });
+        let ctl = Rc::new(ConnCtl::new(shard.next_conn_id(), fd));
         shard.conns.borrow_mut().insert(ctl.id, ctl.clone());
         shard.stats.connections_open.fetch_add(1, Ordering::Relaxed);
         Some(ConnGuard {
@@ -191,6 +267,22 @@ impl Drop for ConnGuard {
     }
 }
 
+/// What a shard is made with: its place among the shards and its links to the other threads
+/// (all `Send`: built on the main thread, moved to the shard's).
+pub struct ShardLinks {
+    pub id: usize,
+    pub nr_shards: usize,
+    pub config: Arc<Config>,
+    /// Every shard's inbox, indexed by shard id.
+    pub inboxes: Arc<Vec<UnboundedSender<ShardMsg>>>,
+    pub writer: WriterTx,
+    pub control: ControlTx,
+    pub policy: Arc<DevicePolicy>,
+    pub stats: Arc<ShardStats>,
+    /// The shard's memory bound (the main thread keeps a clone for metrics).
+    pub budget: ByteBudget,
+}
+
 /// A shard's state, shared by its tasks (`Rc`: it never leaves its thread).
 pub struct Shard {
     pub id: usize,
@@ -198,6 +290,7 @@ pub struct Shard {
     pub config: Arc<Config>,
     pub inboxes: Arc<Vec<UnboundedSender<ShardMsg>>>,
     pub writer: WriterTx,
+    pub control: ControlTx,
     pub policy: Arc<DevicePolicy>,
     pub stats: Arc<ShardStats>,
     pub devices: RefCell<DeviceTable>,
@@ -214,18 +307,21 @@ pub struct Shard {
 }
 
 impl Shard {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        id: usize,
-        nr_shards: usize,
-        config: Arc<Config>,
-        inboxes: Arc<Vec<UnboundedSender<ShardMsg>>>,
-        writer: WriterTx,
-        policy: Arc<DevicePolicy>,
-        stats: Arc<ShardStats>,
-        budget: ByteBudget,
+        links: ShardLinks,
         stopping: Shared<futures::channel::oneshot::Receiver<()>>,
     ) -> Shard {
+        let ShardLinks {
+            id,
+            nr_shards,
+            config,
+            inboxes,
+            writer,
+            control,
+            policy,
+            stats,
+            budget,
+        } = links;
         let max_buf = config.max_frame_len as usize
             + crate::protocol::tcp::HEADER_LEN
             + crate::protocol::tcp::TRAILER_LEN;
@@ -237,6 +333,7 @@ impl Shard {
             config,
             inboxes,
             writer,
+            control,
             policy,
             stats,
             budget,
@@ -309,6 +406,19 @@ impl Shard {
         });
     }
 
+    /// Hands command `id` to the device's connection, or reports it undelivered.
+    pub fn send_command(&self, id: i64, imei: Imei, frame: Vec<u8>) {
+        let conn = self.devices.borrow().get(imei).and_then(|d| d.conn.clone());
+        match conn {
+            Some(c) => c.send_command(id, frame),
+            None => {
+                let _ = self
+                    .control
+                    .send(crate::control::ControlMsg::CommandUndelivered { id, imei });
+            }
+        }
+    }
+
     /// Ends the sessions of devices the policy no longer admits.
     pub fn enforce_policy(&self) {
         let refused: Vec<Rc<ConnCtl>> = self
@@ -375,22 +485,25 @@ mod tests {
     }
 
     #[test]
-    fn an_abort_outranks_a_graceful_close() {
-        let ctl = ConnCtl {
-            id: 1,
-            fd: -1,
-            signal: Cell::new(None),
-            waker: RefCell::new(None),
-        };
+    fn an_abort_outranks_a_graceful_close_and_comes_before_commands() {
+        let ctl = ConnCtl::new(1, -1);
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
-        assert!(ctl.poll_cancel(&mut cx).is_pending());
+        assert!(ctl.poll_signal(&mut cx).is_pending());
+        ctl.send_command(5, vec![1]);
         ctl.cancel(Cancel::Abort(CloseReason::Replaced));
         ctl.cancel(Cancel::Graceful(CloseReason::Shutdown));
         assert_eq!(
-            ctl.poll_cancel(&mut cx),
-            Poll::Ready(Cancel::Abort(CloseReason::Replaced))
+            ctl.poll_signal(&mut cx),
+            Poll::Ready(Signal::Cancel(Cancel::Abort(CloseReason::Replaced)))
         );
-        assert!(ctl.poll_cancel(&mut cx).is_pending());
+        assert_eq!(
+            ctl.poll_signal(&mut cx),
+            Poll::Ready(Signal::Command {
+                id: 5,
+                frame: vec![1]
+            })
+        );
+        assert!(ctl.poll_signal(&mut cx).is_pending());
     }
 }
