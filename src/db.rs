@@ -119,3 +119,25 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
         None => e.to_string(),
     }
 }
+
+/// A small pool of connections for the control thread, whose queries are many and short and
+/// some of which are transactions (a transaction needs a connection of its own). Connections
+/// are opened on demand and again after they were lost.
+///
+/// # Errors
+/// `url` is not a valid connection string.
+pub fn pool(url: &str, size: usize) -> Result<deadpool_postgres::Pool, String> {
+    let cfg: tokio_postgres::Config = url.parse().map_err(|e| format!("{e}"))?;
+    let mgr = deadpool_postgres::Manager::from_config(
+        cfg,
+        NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    deadpool_postgres::Pool::builder(mgr)
+        .max_size(size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| e.to_string())
+}

@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::channel::mpsc::UnboundedReceiver;
@@ -62,6 +63,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
     let shard = Rc::new(Shard::new(links, stop_rx.shared()));
     let _ = ready.send(Ok(()));
+    shard.stats.accepting.store(true, Ordering::Relaxed);
     tracing::info!(shard = shard_id, addr = %device_addr, "Shard listening.");
 
     let accept = glommio::spawn_local(accept_loop(shard.clone(), listener));
@@ -102,6 +104,7 @@ pub async fn run(
 
     // Stop: no new connections or datagrams; sessions stop reading, in-flight frames commit and
     // are acked; at the deadline the rest is aborted (unacked frames are resent by devices).
+    shard.stats.accepting.store(false, Ordering::Relaxed);
     let _ = stop_tx.send(());
     accept.await;
     udp.await;

@@ -89,6 +89,8 @@ pub enum ShardMsg {
 /// Counters of one shard, readable from any thread (`gateway_*_total` in the metrics).
 #[derive(Debug, Default)]
 pub struct ShardStats {
+    /// The shard is bound and accepting (false before it starts and once it stops).
+    pub accepting: std::sync::atomic::AtomicBool,
     pub connections_accepted: AtomicU64,
     pub connections_open: AtomicU64,
     pub connections_refused: AtomicU64,
