@@ -3,6 +3,8 @@
 //! shards by message: it sends [`crate::shard::ShardMsg`]s to their inboxes, they answer on
 //! oneshot channels or report through the [`ControlTx`] they were given.
 
+pub mod events;
+
 use tokio::sync::mpsc;
 
 use crate::protocol::Imei;
