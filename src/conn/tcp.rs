@@ -305,6 +305,7 @@ impl Driver {
                         records: avl.count() as u32,
                         done,
                         permit,
+                        telemetry: None,
                     };
                     rb.consume(used);
                     if self.shard.writer.send_rows(batch).is_err() {

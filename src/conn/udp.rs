@@ -76,6 +76,7 @@ pub async fn serve(shard: Rc<Shard>, sock: Rc<UdpSocket>) {
             records,
             done,
             permit,
+            telemetry: None,
         };
         if shard.writer.send_rows(batch).is_err() {
             tracing::error!(shard = shard.id, "Writer gone; datagram not accepted.");
