@@ -199,12 +199,15 @@ struct Deliverer {
     next_poll: Instant,
     next_prune: Instant,
     in_flight: FuturesUnordered<BoxFuture<'static, Attempt>>,
+    /// Stopping: only events behind one already delivered are sent (see
+    /// [`Deliverer::shut_down`]).
+    draining: bool,
 }
 
 /// Runs until `stop` turns true (or its sender is dropped): delivers the events of every
 /// route whose lease this gateway holds. At the stop, what is in flight is awaited (at most
 /// the request timeout), the cursors are saved and the leases given up, so another gateway
-/// takes over at once and nothing is sent twice.
+/// takes over at once, and, while the receivers answer, nothing is sent twice.
 pub async fn run_deliverer(cfg: DelivererConfig, mut stop: watch::Receiver<bool>) {
     let now = Instant::now();
     let stats = cfg.stats.clone();
@@ -225,6 +228,7 @@ pub async fn run_deliverer(cfg: DelivererConfig, mut stop: watch::Receiver<bool>
         next_connect: now,
         next_poll: now,
         in_flight: FuturesUnordered::new(),
+        draining: false,
     };
     tracing::info!(
         routes = d.routes.len(),
@@ -520,6 +524,16 @@ impl Deliverer {
         let Some(until) = r.lease_until else {
             return;
         };
+        // Stopping: only the events behind the last one delivered, so the cursor can pass
+        // it (whatever stays beyond the cursor would be sent again by the next holder).
+        let frontier = if self.draining {
+            match r.window.iter().rev().find(|(_, s)| s.delivered) {
+                Some((k, _)) => Some(*k),
+                None => return,
+            }
+        } else {
+            None
+        };
         while let Some(Reverse((t, _))) = r.backoff.peek() {
             if *t > now {
                 break;
@@ -532,6 +546,7 @@ impl Deliverer {
         if now + timeout + Duration::from_secs(1) >= until {
             return;
         }
+        let mut skipped = Vec::new();
         while r.in_flight < concurrency {
             let Some(imei) = r.ready.pop_front() else {
                 break;
@@ -539,6 +554,11 @@ impl Deliverer {
             let Some(&key) = r.queues.get(&imei).and_then(VecDeque::front) else {
                 continue;
             };
+            if frontier.is_some_and(|f| key > f) {
+                // Kept for a later pass: the frontier may move past it.
+                skipped.push(imei);
+                continue;
+            }
             let slot = r
                 .window
                 .get_mut(&key)
@@ -560,6 +580,7 @@ impl Deliverer {
                 }
             }));
         }
+        r.ready.extend(skipped);
     }
 
     /// An attempt ended.
@@ -613,21 +634,29 @@ impl Deliverer {
         }
     }
 
-    /// Lets what is in flight finish (up to the request timeout plus a second), then saves
-    /// the cursors and releases the leases.
+    /// Lets what is in flight finish, and sends the events still behind one already
+    /// delivered (events of several devices go at once, so a later one may be answered before
+    /// an earlier one is sent), without retries, for at most the request timeout plus a
+    /// second; then saves the cursors and releases the leases. With the receivers answering,
+    /// the cursor then covers everything delivered and the next holder sends nothing twice.
     async fn shut_down(&mut self) {
+        self.draining = true;
         for r in &mut self.routes {
-            // Nothing new starts: no ready devices.
-            r.ready.clear();
             r.backoff.clear();
         }
         let deadline = Instant::now() + self.cfg.request_timeout + Duration::from_secs(1);
-        while !self.in_flight.is_empty() {
+        loop {
+            for i in 0..self.routes.len() {
+                self.send(i);
+            }
+            if self.in_flight.is_empty() {
+                break;
+            }
             match tokio::time::timeout_at(deadline.into(), self.in_flight.next()).await {
                 Ok(Some(a)) => {
                     self.finished(a);
+                    // No retries now.
                     for r in &mut self.routes {
-                        r.ready.clear();
                         r.backoff.clear();
                     }
                 }

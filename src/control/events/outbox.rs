@@ -132,7 +132,7 @@ pub(crate) async fn take_lease(
     let row = c
         .query_opt(
             "UPDATE event_routes
-                SET owner = $2, lease_until = now() + $3 * interval '1 millisecond', seen_at = now()
+                SET owner = $2, lease_until = now() + $3::int8 * interval '1 millisecond', seen_at = now()
               WHERE route = $1
                 AND (owner IS NULL OR owner = $2 OR lease_until IS NULL OR lease_until < now())
           RETURNING cursor_tx, cursor_id",
@@ -154,7 +154,7 @@ pub(crate) async fn renew_lease(
     let n = c
         .execute(
             "UPDATE event_routes
-                SET lease_until = now() + $3 * interval '1 millisecond', seen_at = now(),
+                SET lease_until = now() + $3::int8 * interval '1 millisecond', seen_at = now(),
                     cursor_tx = $4, cursor_id = $5
               WHERE route = $1 AND owner = $2 AND lease_until > now()",
             &[&route, &owner, &ttl_ms, &cursor.0, &cursor.1],
