@@ -177,8 +177,16 @@ impl RouteState {
         }
     }
 
+    /// Whether a read is due: there may be more, and the window has room. Not for a sliver
+    /// of room: the window refills in useful reads.
+    fn wants_read(&self, window: usize) -> bool {
+        let room = window.saturating_sub(self.window.len());
+        self.held() && self.more && room > 0 && (room >= window / 4 || self.window.is_empty())
+    }
+
     fn update_lag(&mut self, now_ms: u64) {
-        self.lag_ms = match self.window.values().find(|s| !s.delivered) {
+        // After `advance` the window's first event is the oldest undelivered one.
+        self.lag_ms = match self.window.values().next() {
             Some(s) => now_ms.saturating_sub(s.event.at_ms),
             None if self.more => self.lag_ms,
             None => 0,
@@ -340,6 +348,10 @@ impl Deliverer {
             if r.cursor != r.saved {
                 at = at.min(r.last_save + SAVE_EVERY);
             }
+            if self.client.is_some() && r.wants_read(self.cfg.window) {
+                // A read is due (e.g. after one whose rows the filters passed over).
+                return Instant::now();
+            }
         }
         at
     }
@@ -483,11 +495,10 @@ impl Deliverer {
             r.repoll_at = None;
             r.more = true;
         }
-        let room = window.saturating_sub(r.window.len());
-        // Not for a sliver of room: the window refills in useful reads.
-        if !r.more || room == 0 || (room < window / 4 && !r.window.is_empty()) {
+        if !r.wants_read(window) {
             return;
         }
+        let room = window.saturating_sub(r.window.len());
         let Some(c) = self.client.as_ref() else {
             return;
         };
@@ -511,8 +522,17 @@ impl Deliverer {
                     }
                 }
             }
-            Ok(Err(e)) => self.db_failed(&e, "reading events"),
-            Err(_) => self.db_timed_out("reading events"),
+            Ok(Err(e)) => {
+                // Not again at once: after the reconnect pause.
+                r.more = false;
+                r.repoll_at = Some(now + DB_RETRY);
+                self.db_failed(&e, "reading events");
+            }
+            Err(_) => {
+                r.more = false;
+                r.repoll_at = Some(now + DB_RETRY);
+                self.db_timed_out("reading events");
+            }
         }
     }
 

@@ -39,7 +39,9 @@
 //! device and route, and a receiver down for an hour costs the window, not memory: the
 //! events wait in the table. A receiver that refuses one event forever holds its device back,
 //! and its route once the window is full behind it; the lag gauge and the logs show it.
-//! Events every live route has passed are deleted ([`outbox::prune`]).
+//! Events every live route has passed are deleted ([`outbox::prune`]). One cost of reading
+//! below the oldest running transaction: a write transaction left open on the database holds
+//! back every event published after it began, until it ends.
 //!
 //! # Pieces
 //!
