@@ -85,6 +85,46 @@ pub struct Config {
     /// Writer: device connect/disconnect events held at most while waiting for the database;
     /// more are dropped and counted. Telemetry never waits for them.
     pub max_session_events_queued: usize,
+    /// Telemetry events (`devices/{imei}/telemetry`, one per device per commit, with the
+    /// latest position and IO values): `none` (nothing is built or written), `all`, or
+    /// `opted_in` (devices whose `devices.telemetry_events` is true, re-read every
+    /// `allow_list_reload_s`).
+    pub telemetry_events: TelemetryEventsKind,
+    /// Seconds one webhook request (connect, send, answer) may take before it counts as
+    /// failed and is retried.
+    pub webhook_timeout_s: u64,
+    /// Longest pause, in seconds, between retries of an event a receiver did not take (the
+    /// pause doubles from 0.1 s up to this).
+    pub webhook_retry_max_s: u64,
+    /// Where events go: `[[routes]]` tables, each with `topics` (MQTT-style filters: `+` one
+    /// level, `#` the rest), `url` (`http://…`), `secret` (signs each request) and an
+    /// optional `name` (default: the url) that keys its delivery state in the database.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// Which devices' telemetry becomes events.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum TelemetryEventsKind {
+    None,
+    All,
+    OptedIn,
+}
+
+/// One `[[routes]]` table: which events go where (see `control::events`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Keys the route's delivery state (how far it is delivered); default: the url.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Topic filters; an event matching any of them goes to this route.
+    pub topics: Vec<String>,
+    /// `http://host[:port]/path` the events are POSTed to.
+    pub url: String,
+    /// Key of the HMAC-SHA256 signature of each request.
+    pub secret: String,
 }
 
 /// How logins are checked.
@@ -128,6 +168,10 @@ impl Default for Config {
             shutdown_timeout_s: 10,
             log: "info".into(),
             max_session_events_queued: 65_536,
+            telemetry_events: TelemetryEventsKind::None,
+            webhook_timeout_s: 10,
+            webhook_retry_max_s: 60,
+            routes: Vec::new(),
         }
     }
 }
@@ -216,6 +260,14 @@ impl Config {
         if self.max_session_events_queued == 0 {
             return bad("max_session_events_queued must be positive");
         }
+        if !(1..=300).contains(&self.webhook_timeout_s) {
+            return bad("webhook_timeout_s must be 1 to 300");
+        }
+        if !(1..=86_400).contains(&self.webhook_retry_max_s) {
+            return bad("webhook_retry_max_s must be 1 to 86400");
+        }
+        crate::control::events::validate_routes(&self.routes)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(self)
     }
 
@@ -236,6 +288,12 @@ impl Config {
     }
     pub fn batch_max_delay(&self) -> Duration {
         Duration::from_millis(self.batch_max_delay_ms)
+    }
+    pub fn webhook_timeout(&self) -> Duration {
+        Duration::from_secs(self.webhook_timeout_s)
+    }
+    pub fn webhook_retry_max(&self) -> Duration {
+        Duration::from_secs(self.webhook_retry_max_s)
     }
 }
 
@@ -273,5 +331,46 @@ mod tests {
             assert!(c.validate().is_err());
         }
         assert!(Config::default().validate().is_ok());
+    }
+
+    #[test]
+    fn routes_are_read_and_checked() {
+        let text = r##"
+telemetry_events = "opted_in"
+[[routes]]
+name = "ops"
+topics = ["devices/+/connected", "commands/#"]
+url = "http://127.0.0.1:9000/hook"
+secret = "s3cret"
+[[routes]]
+topics = ["#"]
+url = "http://10.0.0.2/all"
+secret = "x"
+"##;
+        let c: Config = toml::from_str(text).unwrap();
+        assert_eq!(c.telemetry_events, TelemetryEventsKind::OptedIn);
+        assert_eq!(c.routes.len(), 2);
+        assert_eq!(c.routes[0].name.as_deref(), Some("ops"));
+        assert_eq!(c.routes[1].name, None);
+        assert!(c.clone().validate().is_ok());
+
+        let bad = text.replace("commands/#", "commands/#/x");
+        let e = toml::from_str::<Config>(&bad)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("route \"ops\""), "{e}");
+        let bad = text.replace("http://10.0.0.2/all", "10.0.0.2/all");
+        let e = toml::from_str::<Config>(&bad)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("route #2"), "{e}");
+        assert!(toml::from_str::<Config>(
+            &text.replace("secret = \"x\"", "secret = \"x\"\nport = 1")
+        )
+        .is_err());
     }
 }

@@ -56,6 +56,18 @@ pub async fn load_allow_list(c: &Client) -> Result<HashSet<u64>, tokio_postgres:
     Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
 }
 
+/// The devices whose telemetry is published as events under `telemetry_events = "opted_in"`
+/// (column `devices.telemetry_events`, migration V5).
+///
+/// # Errors
+/// The query fails (connection lost, column missing: migrations not applied, privilege).
+pub async fn load_telemetry_opt_in(c: &Client) -> Result<HashSet<u64>, tokio_postgres::Error> {
+    let rows = c
+        .query("SELECT imei FROM devices WHERE telemetry_events", &[])
+        .await?;
+    Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
+}
+
 /// Creates the daily partitions `telemetry_pYYYYMMDD` (UTC days) from yesterday to
 /// today + `ahead_days`, and drop the daily partitions whose whole day is older than
 /// now - `retention_days` (0: keep forever; the default partition is never dropped). Rows of a

@@ -7,6 +7,9 @@
 //!   `serve`): creates the days ahead, drops those past retention.
 //! - Under the `allow_list` policy, the allow-list is reloaded every `allow_list_reload`; when
 //!   the set of enabled devices changed, `on_allow_list_change` is called (from this thread).
+//! - Under `telemetry_events = "opted_in"` , the
+//!   devices opted in to telemetry events are reloaded on the same period, the first time at
+//!   once.
 //!
 //! `serve` has done both once before it starts the housekeeper, so the first round is one
 //! period after the start. A failed round is logged and tried again after a short back-off;
@@ -22,8 +25,9 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use crate::config::DevicePolicyKind;
+use crate::config::TelemetryEventsKind;
 use crate::db;
-use crate::policy::DevicePolicy;
+use crate::policy::{DevicePolicy, TelemetryPolicy};
 
 /// Settings of the housekeeper.
 #[derive(Clone, Debug)]
@@ -69,15 +73,18 @@ impl Drop for Housekeeper {
 }
 
 /// Starts the housekeeper thread. `on_allow_list_change` is called on that thread after each
-/// reload that changed the set of enabled devices.
+/// reload that changed the set of enabled devices; `telemetry`'s opted-in set (when its kind
+/// is `opted_in`) is kept in step with `devices.telemetry_events` on the same period.
 ///
 /// # Errors
 /// The thread or its runtime cannot be created.
 pub fn spawn(
     cfg: HousekeeperConfig,
     policy: Arc<DevicePolicy>,
+    telemetry: Arc<TelemetryPolicy>,
     on_allow_list_change: impl Fn() + Send + 'static,
 ) -> std::io::Result<Housekeeper> {
+    let telemetry = Some(telemetry).filter(|t| t.kind() == TelemetryEventsKind::OptedIn);
     let (stop, stop_rx) = watch::channel(false);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -88,6 +95,7 @@ pub fn spawn(
             let hk = Keeper {
                 cfg,
                 policy,
+                telemetry,
                 on_change: Box::new(on_allow_list_change),
                 stop: stop_rx,
                 client: None,
@@ -109,6 +117,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 struct Keeper {
     cfg: HousekeeperConfig,
     policy: Arc<DevicePolicy>,
+    /// Under `opted_in` only.
+    telemetry: Option<Arc<TelemetryPolicy>>,
     on_change: Box<dyn Fn() + Send>,
     stop: watch::Receiver<bool>,
     client: Option<Client>,
@@ -124,15 +134,20 @@ enum Interrupted {
 impl Keeper {
     async fn run(mut self) {
         let allow_list = self.policy.kind() == DevicePolicyKind::AllowList;
+        let opt_in = self.telemetry.is_some();
         let start = Instant::now();
         let mut next_partitions = start + self.cfg.partitions_every;
         let mut next_allow_list = start + self.cfg.allow_list_reload;
+        // `serve` loads the allow-list before the start, not the opt-in set: at once.
+        let mut next_opt_in = start;
         loop {
-            let due = if allow_list {
-                next_partitions.min(next_allow_list)
-            } else {
-                next_partitions
-            };
+            let mut due = next_partitions;
+            if allow_list {
+                due = due.min(next_allow_list);
+            }
+            if opt_in {
+                due = due.min(next_opt_in);
+            }
             if self
                 .or_stop(tokio::time::sleep_until(due.into()))
                 .await
@@ -153,6 +168,13 @@ impl Keeper {
                     Ok(()) => next_allow_list = now + self.cfg.allow_list_reload,
                     Err(Interrupted::Stopped) => return,
                     Err(Interrupted::Failed) => next_allow_list = self.retry_at(),
+                }
+            }
+            if opt_in && now >= next_opt_in {
+                match self.reload_telemetry_opt_in().await {
+                    Ok(()) => next_opt_in = now + self.cfg.allow_list_reload,
+                    Err(Interrupted::Stopped) => return,
+                    Err(Interrupted::Failed) => next_opt_in = self.retry_at(),
                 }
             }
         }
@@ -240,6 +262,32 @@ impl Keeper {
             }
             Some(Err(e)) => {
                 tracing::warn!(error = %db::describe(&e), "Allow-list reload failed; keeping the last one.");
+                Err(Interrupted::Failed)
+            }
+        }
+    }
+
+    async fn reload_telemetry_opt_in(&mut self) -> Result<(), Interrupted> {
+        self.client().await?;
+        let client = self.client.take().expect("connected");
+        let result = self.or_stop(db::load_telemetry_opt_in(&client)).await;
+        self.client = Some(client);
+        match result {
+            None => Err(Interrupted::Stopped),
+            Some(Ok(set)) => {
+                self.backoff = BACKOFF_MIN;
+                let devices = set.len();
+                let policy = self
+                    .telemetry
+                    .as_ref()
+                    .expect("reloaded only under opted_in");
+                if policy.set_opted_in(set) {
+                    tracing::info!(devices, "Devices opted in to telemetry events changed.");
+                }
+                Ok(())
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %db::describe(&e), "Reloading the telemetry opt-in failed; keeping the last set.");
                 Err(Interrupted::Failed)
             }
         }

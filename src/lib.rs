@@ -15,9 +15,11 @@
 //!   its inbox, stops in order.
 //! - [`sink`]: the writer core: `sink::writer` owns the database connections on its own
 //!   threads and answers each batch after its commit; `sink::classify` (PURE) says what to do
-//!   about each database error.
-//! - [`control`]: the control thread (tokio): API, command ledger and dispatch, webhooks,
-//!   metrics; talks to shards by message.
+//!   about each database error; `sink::events` puts the writer's events (sessions, telemetry)
+//!   into the outbox in the same transactions.
+//! - [`control`]: the control thread (tokio): API, command ledger and dispatch, events and
+//!   webhooks (`control::events`: routes, signing, the outbox, the deliverer), metrics; talks
+//!   to shards by message.
 //! - [`housekeeper`]: its own thread (and database connection): partition upkeep and
 //!   allow-list reloads on a clock, whether or not any device sends anything.
 //! - [`db`]: connecting to PostgreSQL and the shared queries (allow-list, partition upkeep);
@@ -27,7 +29,8 @@
 //!   schema migrations; used by `main` before the shards start, and by the test harness.
 //! - [`server`]: the main thread: starts database, writer and shards, waits for a signal,
 //!   stops them in reverse order.
-//! - [`policy`]: which devices may log in (read by shards, reloaded by the housekeeper).
+//! - [`policy`]: which devices may log in, and whose telemetry becomes events (read by
+//!   shards, reloaded by the housekeeper).
 //! - [`config`]: serde configuration, defaults and validation.
 //! - [`cli`]: operator tools on the main thread (`fleetgate decode`).
 //! - [`supervise`]: noticing threads that end (any thread). [`time`]: PURE clock text.

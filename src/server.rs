@@ -18,7 +18,7 @@ use crate::db;
 use crate::executor::ShardSpec;
 use crate::housekeeper::{self, HousekeeperConfig};
 use crate::pg::{ManagedPostgres, PgOptions};
-use crate::policy::DevicePolicy;
+use crate::policy::{DevicePolicy, TelemetryPolicy};
 use crate::shard::budget::ByteBudget;
 use crate::shard::{ShardLinks, ShardMsg, ShardStats};
 use crate::sink::writer::{self, WriterConfig};
@@ -167,6 +167,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     // The control thread comes with the API; until then its channel is drained here.
     let (control_tx, mut control_rx) = crate::control::channel();
     std::thread::spawn(move || while control_rx.blocking_recv().is_some() {});
+    let telemetry = Arc::new(TelemetryPolicy::new(cfg.telemetry_events));
     let housekeeper = housekeeper::spawn(
         HousekeeperConfig {
             database_url: db.url.clone(),
@@ -176,6 +177,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             allow_list_reload: Duration::from_secs(cfg.allow_list_reload_s),
         },
         policy.clone(),
+        telemetry.clone(),
         // New logins are checked against the new set already; each shard ends the live
         // sessions of devices it no longer admits.
         move || {
@@ -197,6 +199,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                 writer: writer.sender(),
                 control: control_tx.clone(),
                 policy: policy.clone(),
+                telemetry: telemetry.clone(),
                 stats: Arc::new(ShardStats::default()),
                 budget: ByteBudget::new(cfg.max_bytes_in_flight_per_shard),
             },

@@ -55,7 +55,7 @@ fn text(imei: Imei, t: &str) -> NewCommand {
 /// The commands the dispatcher handed to the shard so far: (id, imei, text in the frame).
 fn sent(rx: &mut mpsc::UnboundedReceiver<ShardMsg>) -> Vec<(i64, Imei, String)> {
     let mut out = Vec::new();
-    while let Ok(Some(m)) = rx.try_next() {
+    while let Ok(m) = rx.try_recv() {
         if let ShardMsg::SendCommand { id, imei, frame } = m {
             let Ok(Status::Complete((Frame::Command(c), _))) = decode_frame(&frame, 1 << 16) else {
                 panic!("not a command frame");

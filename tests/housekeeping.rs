@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::gateway::{imei, wait_until, Device, Gateway};
 use common::{TempDir, TestPg};
-use fleetgate::config::DevicePolicyKind;
+use fleetgate::config::{DevicePolicyKind, TelemetryEventsKind};
 use fleetgate::housekeeper::{self, HousekeeperConfig};
-use fleetgate::policy::DevicePolicy;
+use fleetgate::policy::{DevicePolicy, TelemetryPolicy};
 
 fn execute(pg: &TestPg, sql: &str) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -113,6 +113,7 @@ fn the_housekeeper_reports_allow_list_changes_and_stops_promptly() {
             allow_list_reload: Duration::from_millis(100),
         },
         policy.clone(),
+        Arc::new(TelemetryPolicy::new(TelemetryEventsKind::None)),
         move || {
             seen.fetch_add(1, Ordering::SeqCst);
         },

@@ -139,7 +139,7 @@ async fn migrations_apply_once_and_the_schema_is_exact() {
     assert!(url.ends_with("user=fleetgate dbname=fleetgate"), "{url}");
 
     let mut client = connect(&url).await;
-    assert_eq!(migrate(&mut client).await.unwrap(), 3);
+    assert_eq!(migrate(&mut client).await.unwrap(), 5);
     assert_eq!(migrate(&mut client).await.unwrap(), 0);
 
     // Column order and types are the binary COPY layout of the writer.
@@ -231,6 +231,99 @@ async fn migrations_apply_once_and_the_schema_is_exact() {
         .unwrap()
         .get(0);
     assert_eq!(index, 1);
+
+    // V4: the command ledger; its states are checked.
+    let bad = client
+        .execute(
+            "INSERT INTO commands (imei, codec, payload, state) VALUES (1, 12, 'x', 'lost')",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Some(&SqlState::CHECK_VIOLATION));
+    let queued: String = client
+        .query_one(
+            "INSERT INTO commands (imei, codec, payload) VALUES (1, 14, 'x') RETURNING state",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(queued, "queued");
+
+    // V5: the outbox, the routes' delivery state, the telemetry opt-in.
+    let cols = |table: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query(
+                    "SELECT column_name::text, udt_name::text, is_nullable::text
+                       FROM information_schema.columns
+                      WHERE table_name = $1 ORDER BY ordinal_position",
+                    &[&table],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} {} {}",
+                        r.get::<_, String>(0),
+                        r.get::<_, String>(1),
+                        r.get::<_, String>(2)
+                    )
+                })
+                .collect::<Vec<String>>()
+        }
+    };
+    assert_eq!(
+        cols("events").await,
+        [
+            "tx int8 NO",
+            "id int8 NO",
+            "topic text NO",
+            "imei int8 NO",
+            "at timestamptz NO",
+            "data json NO"
+        ]
+    );
+    assert_eq!(
+        cols("event_routes").await,
+        [
+            "route text NO",
+            "cursor_tx int8 NO",
+            "cursor_id int8 NO",
+            "owner text YES",
+            "lease_until timestamptz YES",
+            "seen_at timestamptz NO"
+        ]
+    );
+    let opted_in: bool = client
+        .query_one("SELECT telemetry_events FROM devices", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!opted_in, "telemetry events are opt-in");
+    // An insert takes its transaction's id, and a trigger notifies the deliverers.
+    let trigger: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'events_notify'
+               AND tgrelid = 'events'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(trigger, 1);
+    let row = client
+        .query_one(
+            "INSERT INTO events (topic, imei, data) VALUES ('devices/1/connected', 1, '{}')
+             RETURNING tx = pg_current_xact_id()::text::bigint",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
 }
 
 #[tokio::test]

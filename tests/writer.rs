@@ -67,6 +67,7 @@ fn batch(rows: Bytes, records: u32) -> (WriterBatch, oneshot::Receiver<WriteOutc
             rows,
             records,
             done,
+            telemetry: None,
         },
         rx,
     )

@@ -37,7 +37,7 @@ use crate::shard::budget::Permit;
 use crate::shard::copy::{encode_rows, rows_len};
 use crate::shard::pool::ReadBuf;
 use crate::shard::{shard_for, Cancel, ConnGuard, Fix, Shard, ShardMsg, ShardStats, Signal};
-use crate::sink::{WriteOutcome, WriterBatch};
+use crate::sink::{TelemetryEvent, WriteOutcome, WriterBatch};
 
 /// A connection just accepted on this shard.
 pub async fn accepted(shard: Rc<Shard>, stream: TcpStream, conn: ConnGuard) {
@@ -56,6 +56,12 @@ pub async fn accepted(shard: Rc<Shard>, stream: TcpStream, conn: ConnGuard) {
     if !shard.policy.admits(imei) {
         ShardStats::inc(&shard.stats.logins_rejected);
         tracing::info!(shard = shard.id, %imei, "Login refused by the device policy.");
+        shard.session_event(
+            imei,
+            "login_refused",
+            peer,
+            Some(CloseReason::LoginRefused.to_string()),
+        );
         d.session.refuse_login();
         d.run(&mut rb).await;
         return;
@@ -268,12 +274,23 @@ impl Driver {
                     return Some(imei);
                 }
                 Input::CommandAnswer { id, frame, used } => {
-                    tracing::info!(
-                        shard = self.shard.id,
-                        command = id,
-                        text = frame.text().unwrap_or(""),
-                        "Command answered."
-                    );
+                    let imei = self
+                        .session
+                        .imei()
+                        .expect("commands go to logged-in devices");
+                    let refused = frame.kind == crate::protocol::command::TYPE_REFUSED;
+                    // The device's answer as text; binary answers as hex.
+                    let text = match frame.text() {
+                        Some(t) => t.to_string(),
+                        None => hex::encode(frame.payload),
+                    };
+                    tracing::debug!(shard = self.shard.id, %imei, command = id, refused, %text, "Command answered.");
+                    let _ = self.shard.control.send(ControlMsg::CommandAnswered {
+                        id,
+                        imei,
+                        refused,
+                        text,
+                    });
                     rb.consume(used);
                 }
                 Input::Command { frame, used } => {
@@ -305,6 +322,11 @@ impl Driver {
                         records: avl.count() as u32,
                         done,
                         permit,
+                        telemetry: self
+                            .shard
+                            .telemetry
+                            .wants_telemetry(imei)
+                            .then(|| Box::new(TelemetryEvent::from_avl(imei, &avl))),
                     };
                     rb.consume(used);
                     if self.shard.writer.send_rows(batch).is_err() {

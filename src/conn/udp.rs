@@ -16,7 +16,7 @@ use glommio::net::UdpSocket;
 use crate::protocol::udp::{decode_datagram, encode_ack};
 use crate::shard::copy::{encode_rows, rows_len};
 use crate::shard::{spawn_detached, Shard, ShardStats};
-use crate::sink::{WriteOutcome, WriterBatch};
+use crate::sink::{TelemetryEvent, WriteOutcome, WriterBatch};
 
 /// Largest UDP payload.
 const MAX_DATAGRAM: usize = 65_536;
@@ -76,6 +76,10 @@ pub async fn serve(shard: Rc<Shard>, sock: Rc<UdpSocket>) {
             records,
             done,
             permit,
+            telemetry: shard
+                .telemetry
+                .wants_telemetry(d.imei)
+                .then(|| Box::new(TelemetryEvent::from_avl(d.imei, &d.avl))),
         };
         if shard.writer.send_rows(batch).is_err() {
             tracing::error!(shard = shard.id, "Writer gone; datagram not accepted.");

@@ -4,6 +4,7 @@
 //! oneshot channels or report through the [`ControlTx`] they were given.
 
 pub mod commands;
+pub mod events;
 
 use tokio::sync::mpsc;
 

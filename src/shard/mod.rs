@@ -29,7 +29,7 @@ use glommio::timer::Timer;
 
 use crate::config::Config;
 use crate::control::ControlTx;
-use crate::policy::DevicePolicy;
+use crate::policy::{DevicePolicy, TelemetryPolicy};
 use crate::protocol::Imei;
 use crate::session::{CloseReason, SessionConfig};
 use crate::sink::{SessionEvent, WriterTx};
@@ -280,6 +280,8 @@ pub struct ShardLinks {
     pub writer: WriterTx,
     pub control: ControlTx,
     pub policy: Arc<DevicePolicy>,
+    /// Which devices' frames become telemetry events.
+    pub telemetry: Arc<TelemetryPolicy>,
     pub stats: Arc<ShardStats>,
     /// The shard's memory bound (the main thread keeps a clone for metrics).
     pub budget: ByteBudget,
@@ -294,6 +296,7 @@ pub struct Shard {
     pub writer: WriterTx,
     pub control: ControlTx,
     pub policy: Arc<DevicePolicy>,
+    pub telemetry: Arc<TelemetryPolicy>,
     pub stats: Arc<ShardStats>,
     pub devices: RefCell<DeviceTable>,
     pub pool: Rc<BufferPool>,
@@ -321,6 +324,7 @@ impl Shard {
             writer,
             control,
             policy,
+            telemetry,
             stats,
             budget,
         } = links;
@@ -337,6 +341,7 @@ impl Shard {
             writer,
             control,
             policy,
+            telemetry,
             stats,
             budget,
             conns: RefCell::new(HashMap::new()),

@@ -6,7 +6,12 @@
 //!   their database connections, group-commit batches from every shard, and answer each batch
 //!   once its transaction has committed. Shards talk to them through a [`WriterTx`].
 
+//! - [`events`]: the writer's outbox rows (session and telemetry events), and
+//!   [`TelemetryEvent`], the frame summary a shard builds (PURE) for a telemetry event.
+
 pub mod classify;
+pub mod events;
 pub mod writer;
 
+pub use events::{TelemetryEvent, TelemetryIo};
 pub use writer::{SessionEvent, WriteOutcome, WriterBatch, WriterHandle, WriterTx};

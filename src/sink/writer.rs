@@ -21,9 +21,15 @@
 //! - *fatal* (missing table, privilege, authentication, database gone): the thread answers
 //!   what it holds `Failed` and ends; `serve` sees it end and stops with the error.
 //!
-//! Session events (connect, disconnect) are written after the telemetry transaction, in a
-//! statement of their own, so a refused event can only lose itself; they have their own
-//! budget of `max_session_events_queued` (see [`WriterTx::send_event`]).
+//! Session events (connect, disconnect, refused login) are written after the telemetry
+//! transaction, in a statement of their own, so a refused event can only lose itself; they
+//! have their own budget of `max_session_events_queued` (see [`WriterTx::send_event`]).
+//!
+//! Events for webhooks (`control::events`) go into the outbox table in the same
+//! transactions: each session event's row with its `device_sessions` row (one statement),
+//! and a batch's telemetry summaries ([`WriterBatch::telemetry`]) as one event per device in
+//! the COPY's transaction, so that an acked frame's event cannot be lost (see
+//! [`super::events`]).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -39,6 +45,7 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use super::classify::{classify_error, ErrorClass};
+use super::events::{insert_sessions, insert_telemetry_events, telemetry_rows, TelemetryEvent};
 use crate::db;
 use crate::shard::copy::{COLUMNS, COPY_HEADER, COPY_TRAILER};
 use crate::supervise::OnExit;
@@ -54,6 +61,10 @@ pub struct WriterBatch {
     /// The shard's room for these rows (its memory bound), released as the batch is answered
     /// and dropped: a device that does not read its acks cannot hold it.
     pub permit: crate::shard::budget::Permit,
+    /// The frame's summary for a `devices/{imei}/telemetry` event, when its device wants
+    /// them (`TelemetryPolicy::wants_telemetry`); `None` costs nothing. Boxed: most batches
+    /// carry none, and the channel's messages stay small.
+    pub telemetry: Option<Box<TelemetryEvent>>,
 }
 
 /// The writer's answer for one batch.
@@ -67,11 +78,12 @@ pub enum WriteOutcome {
     Failed,
 }
 
-/// A device connected or disconnected; recorded in `device_sessions`.
+/// A device connected or disconnected (recorded in `device_sessions` and published as an
+/// event), or its login was refused (only published: `devices/{imei}/login_refused`).
 #[derive(Clone, Debug)]
 pub struct SessionEvent {
     pub imei: u64,
-    /// `connect` or `disconnect`.
+    /// `connect`, `disconnect` or `login_refused`.
     pub event: &'static str,
     pub at: SystemTime,
     pub shard: u32,
@@ -120,6 +132,8 @@ pub struct WriterStats {
     pub session_events_dropped: AtomicU64,
     /// Session events the database refused (each one logged).
     pub session_events_refused: AtomicU64,
+    /// Events committed to the outbox by the writer (session events and telemetry events).
+    pub events_published: AtomicU64,
     pub connected: AtomicU64,
 }
 
@@ -571,9 +585,10 @@ impl Writer {
                 continue;
             };
             let e = match result {
-                Ok(()) => {
+                Ok(events) => {
                     self.backoff = BACKOFF_MIN;
                     let st = &self.shared.stats;
+                    st.events_published.fetch_add(events, Ordering::Relaxed);
                     st.transactions.fetch_add(1, Ordering::Relaxed);
                     if dedup {
                         st.dedup_transactions.fetch_add(1, Ordering::Relaxed);
@@ -632,8 +647,12 @@ impl Writer {
                 continue;
             };
             let e = match result {
-                Ok(_) => {
+                Ok(events) => {
                     self.backoff = BACKOFF_MIN;
+                    self.shared
+                        .stats
+                        .events_published
+                        .fetch_add(events, Ordering::Relaxed);
                     self.shared
                         .events_held
                         .fetch_sub(sessions.len(), Ordering::AcqRel);
@@ -789,12 +808,12 @@ fn push(m: WriterMsg, batches: &mut Vec<WriterBatch>, sessions: &mut Vec<Session
 }
 
 /// One transaction: the rows by COPY (into `telemetry`, or through the staging table when
-/// `dedup`), commit.
+/// `dedup`), the batches' telemetry events, commit. Returns the events inserted.
 async fn write(
     client: &Client,
     batches: &[WriterBatch],
     dedup: bool,
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<u64, tokio_postgres::Error> {
     client.batch_execute("BEGIN").await?;
     let result = async {
         let target = if dedup { "telemetry_stage" } else { "telemetry" };
@@ -815,32 +834,16 @@ async fn write(
                 .execute(&format!("INSERT INTO telemetry ({COLUMNS}) SELECT {COLUMNS} FROM telemetry_stage ON CONFLICT DO NOTHING"), &[])
                 .await?;
         }
-        client.batch_execute("COMMIT").await
+        let events = match telemetry_rows(batches) {
+            Some(rows) => insert_telemetry_events(client, &rows).await?,
+            None => 0,
+        };
+        client.batch_execute("COMMIT").await?;
+        Ok(events)
     }
     .await;
     if result.is_err() && !client.is_closed() {
         let _ = client.batch_execute("ROLLBACK").await;
     }
     result
-}
-
-/// One statement (its own implicit transaction) inserting `s` into `device_sessions`.
-async fn insert_sessions(
-    client: &Client,
-    s: &[SessionEvent],
-) -> Result<u64, tokio_postgres::Error> {
-    let imei: Vec<i64> = s.iter().map(|e| e.imei as i64).collect();
-    let event: Vec<&str> = s.iter().map(|e| e.event).collect();
-    let at: Vec<SystemTime> = s.iter().map(|e| e.at).collect();
-    let shard: Vec<i32> = s.iter().map(|e| e.shard as i32).collect();
-    let transport: Vec<&str> = s.iter().map(|e| e.transport).collect();
-    let peer: Vec<Option<&str>> = s.iter().map(|e| e.peer.as_deref()).collect();
-    let reason: Vec<Option<&str>> = s.iter().map(|e| e.reason.as_deref()).collect();
-    client
-        .execute(
-            "INSERT INTO device_sessions (imei, event, at, shard, transport, peer, reason)
-             SELECT * FROM unnest($1::int8[], $2::text[], $3::timestamptz[], $4::int4[], $5::text[], $6::text[], $7::text[])",
-            &[&imei, &event, &at, &shard, &transport, &peer, &reason],
-        )
-        .await
 }
