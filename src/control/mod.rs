@@ -3,6 +3,7 @@
 //! shards by message: it sends [`crate::shard::ShardMsg`]s to their inboxes, they answer on
 //! oneshot channels or report through the [`ControlTx`] they were given.
 
+pub mod api;
 pub mod commands;
 
 use tokio::sync::mpsc;
