@@ -16,8 +16,10 @@
 //! - [`sink`]: the writer core: `sink::writer` owns the database connections on its own
 //!   threads and answers each batch after its commit; `sink::classify` (PURE) says what to do
 //!   about each database error.
-//! - [`control`]: the control thread (tokio): API, command ledger and dispatch, webhooks,
-//!   metrics; talks to shards by message.
+//! - [`control`]: the control thread (tokio): `control::api` (the HTTP API, hyper),
+//!   `control::commands` (command ledger and dispatch), `control::metrics` (stats and the
+//!   Prometheus exposition, read from the other threads' atomics), webhooks to come; talks to
+//!   shards by message.
 //! - [`housekeeper`]: its own thread (and database connection): partition upkeep and
 //!   allow-list reloads on a clock, whether or not any device sends anything.
 //! - [`db`]: connecting to PostgreSQL and the shared queries (allow-list, partition upkeep);
