@@ -85,6 +85,17 @@ pub struct Config {
     /// Writer: device connect/disconnect events held at most while waiting for the database;
     /// more are dropped and counted. Telemetry never waits for them.
     pub max_session_events_queued: usize,
+    /// API keys, each `"KEY:SCOPE"` with scope `read` (devices, stats, command history) or
+    /// `command` (also send and cancel commands). `FLEETGATE_API_KEYS` adds more (same form,
+    /// comma-separated), so that keys need not sit in a file. With no key at all the API only
+    /// starts on a loopback address.
+    pub api_keys: Vec<String>,
+    /// This gateway's name in the command ledger (`commands.sent_by`): which gateway holds a
+    /// command in flight. Empty: `<hostname>-<pid>`, resolved by `validate`.
+    pub gateway_id: String,
+    /// Sends of a command (first one included) before it fails for want of an answer or of
+    /// delivery.
+    pub command_max_attempts: i32,
     /// Telemetry events (`devices/{imei}/telemetry`, one per device per commit, with the
     /// latest position and IO values): `none` (nothing is built or written), `all`, or
     /// `opted_in` (devices whose `devices.telemetry_events` is true, re-read every
@@ -168,6 +179,9 @@ impl Default for Config {
             shutdown_timeout_s: 10,
             log: "info".into(),
             max_session_events_queued: 65_536,
+            api_keys: Vec::new(),
+            gateway_id: String::new(),
+            command_max_attempts: 3,
             telemetry_events: TelemetryEventsKind::None,
             webhook_timeout_s: 10,
             webhook_retry_max_s: 60,
@@ -268,6 +282,21 @@ impl Config {
         }
         crate::control::events::validate_routes(&self.routes)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        for (n, entry) in self.api_keys.iter().enumerate() {
+            // The message names the entry by position: the key itself is a secret.
+            if let Err(why) = crate::control::api::auth::parse_key(entry) {
+                return Err(ConfigError::Invalid(format!(
+                    "api_keys entry {}: {why}",
+                    n + 1
+                )));
+            }
+        }
+        if self.gateway_id.is_empty() {
+            self.gateway_id = format!("{}-{}", hostname(), std::process::id());
+        }
+        if !(1..=100).contains(&self.command_max_attempts) {
+            return bad("command_max_attempts must be 1 to 100");
+        }
         Ok(self)
     }
 
@@ -294,6 +323,18 @@ impl Config {
     }
     pub fn webhook_retry_max(&self) -> Duration {
         Duration::from_secs(self.webhook_retry_max_s)
+    }
+}
+
+/// This machine's host name (`localhost` when it cannot be read), for the default `gateway_id`.
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname(2) writes at most `buf.len()` bytes into `buf`.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match (rc, std::str::from_utf8(&buf[..len])) {
+        (0, Ok(name)) if !name.is_empty() => name.to_string(),
+        _ => "localhost".to_string(),
     }
 }
 
@@ -325,6 +366,18 @@ mod tests {
             },
             Config {
                 write_timeout_s: 0,
+                ..Config::default()
+            },
+            Config {
+                api_keys: vec!["no-scope".into()],
+                ..Config::default()
+            },
+            Config {
+                api_keys: vec!["k:admin".into()],
+                ..Config::default()
+            },
+            Config {
+                command_max_attempts: 0,
                 ..Config::default()
             },
         ] {
@@ -372,5 +425,20 @@ secret = "x"
             &text.replace("secret = \"x\"", "secret = \"x\"\nport = 1")
         )
         .is_err());
+    }
+
+    #[test]
+    fn an_empty_gateway_id_becomes_host_and_pid_and_bad_keys_are_named_without_the_key() {
+        let c = Config::default().validate().unwrap();
+        assert!(c.gateway_id.ends_with(&format!("-{}", std::process::id())));
+        let e = Config {
+            api_keys: vec!["good:read".into(), "s3cret:root".into()],
+            ..Config::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("api_keys entry 2"), "{e}");
+        assert!(!e.contains("s3cret"), "the key leaked into the error: {e}");
     }
 }

@@ -17,9 +17,10 @@
 //!   threads and answers each batch after its commit; `sink::classify` (PURE) says what to do
 //!   about each database error; `sink::events` puts the writer's events (sessions, telemetry)
 //!   into the outbox in the same transactions.
-//! - [`control`]: the control thread (tokio): API, command ledger and dispatch, events and
-//!   webhooks (`control::events`: routes, signing, the outbox, the deliverer), metrics; talks
-//!   to shards by message.
+//! - [`control`]: the control thread (tokio): `control::api` (the HTTP API, hyper),
+//!   `control::commands` (command ledger and dispatch), `control::events` (routes, signing,
+//!   the outbox, the webhook deliverer), `control::metrics` (stats and the Prometheus
+//!   exposition, read from the other threads' atomics); talks to shards by message.
 //! - [`housekeeper`]: its own thread (and database connection): partition upkeep and
 //!   allow-list reloads on a clock, whether or not any device sends anything.
 //! - [`db`]: connecting to PostgreSQL and the shared queries (allow-list, partition upkeep);

@@ -1,9 +1,10 @@
-//! `fleetgate serve` and `fleetgate migrate`: the main thread. Starts the database (managed or
-//! external), applies migrations, starts the writer threads, the housekeeper thread and one
-//! glommio executor per shard, waits for SIGTERM/SIGINT (or a shard or writer that dies), then
-//! stops them in reverse order: shards (stop accepting, commit and ack what is in flight,
-//! close), the housekeeper, the writer (drained until the shutdown deadline), then the managed
-//! PostgreSQL.
+//! `fleetgate serve` and `fleetgate migrate`: the main thread. Binds the API socket, starts the
+//! database (managed or external), applies migrations, starts the writer threads, the
+//! housekeeper thread, one glommio executor per shard and then the control thread (API and
+//! command dispatch), waits for SIGTERM/SIGINT (or a thread that dies), then stops them in
+//! reverse order: the control thread, shards (stop accepting, commit and ack what is in
+//! flight, close), the housekeeper, the writer (drained until the shutdown deadline), then the
+//! managed PostgreSQL.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -14,6 +15,8 @@ use futures::channel::mpsc;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::{Config, DevicePolicyKind};
+use crate::control::metrics::ShardGauges;
+use crate::control::ControlLinks;
 use crate::db;
 use crate::executor::ShardSpec;
 use crate::housekeeper::{self, HousekeeperConfig};
@@ -26,6 +29,9 @@ use crate::supervise::OnExit;
 
 /// How long a shard may take to bind and report ready.
 const SHARD_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the control thread may take to stop (its requests in progress get 2 s).
+const CONTROL_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often the housekeeper maintains the daily partitions.
 const PARTITIONS_EVERY: Duration = Duration::from_secs(3600);
@@ -123,6 +129,7 @@ pub fn reserve_device_port(host: IpAddr, port: u16) -> anyhow::Result<SocketAddr
 /// # Errors
 /// Start-up failures (database, port, a shard that cannot bind) and a shard that dies.
 pub fn serve(cfg: Config) -> anyhow::Result<()> {
+    let started = Instant::now();
     let cfg = Arc::new(cfg);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -130,6 +137,9 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     // First of all: from here on SIGTERM/SIGINT are recorded instead of killing us, so a stop
     // during initdb or migrations cannot leave the managed PostgreSQL running.
     let mut signals = StopSignals::register(&rt)?;
+    // The API's socket and keys before anything that takes time: a port in use, or an API
+    // open to the network without keys, stops `serve` here.
+    let api = crate::control::ApiListener::bind(&cfg)?;
     let db = open_database(&cfg)?;
     // Returning drops `db`, which stops the managed PostgreSQL.
     if stop_requested(&mut signals, &rt, "starting the database") {
@@ -164,9 +174,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         .unzip();
     let inboxes = Arc::new(senders);
     let policy_inboxes = inboxes.clone();
-    // The control thread comes with the API; until then its channel is drained here.
-    let (control_tx, mut control_rx) = crate::control::channel();
-    std::thread::spawn(move || while control_rx.blocking_recv().is_some() {});
+    // Shards report on it from their start; the control thread reads it once they are up.
+    let (control_tx, control_rx) = crate::control::channel();
     let telemetry = Arc::new(TelemetryPolicy::new(cfg.telemetry_events));
     let housekeeper = housekeeper::spawn(
         HousekeeperConfig {
@@ -189,7 +198,14 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut shards = Vec::new();
+    // What the control thread reads of each shard (its counters and byte budget).
+    let mut shard_gauges = Vec::new();
     for (shard_id, inbox) in receivers.into_iter().enumerate() {
+        let gauges = ShardGauges {
+            stats: Arc::new(ShardStats::default()),
+            budget: ByteBudget::new(cfg.max_bytes_in_flight_per_shard),
+        };
+        shard_gauges.push(gauges.clone());
         let spec = ShardSpec {
             links: ShardLinks {
                 id: shard_id,
@@ -200,8 +216,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                 control: control_tx.clone(),
                 policy: policy.clone(),
                 telemetry: telemetry.clone(),
-                stats: Arc::new(ShardStats::default()),
-                budget: ByteBudget::new(cfg.max_bytes_in_flight_per_shard),
+                stats: gauges.stats,
+                budget: gauges.budget,
             },
             device_addr,
             inbox,
@@ -224,7 +240,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow!("starting shard {shard_id}: {e}"))?;
         shards.push(handle);
     }
-    drop((ready_tx, exit_tx));
+    drop(ready_tx);
 
     let mut start_error = None;
     let mut shards_exited = 0;
@@ -244,19 +260,45 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         }
     }
 
-    let stop_reason = match start_error {
+    // The control thread, once the shards' inboxes are served.
+    let control = match start_error {
         Some(e) => Err(e),
         None => {
+            let control_exit = exit_tx.clone();
+            crate::control::spawn(
+                api,
+                ControlLinks {
+                    config: cfg.clone(),
+                    database_url: db.url.clone(),
+                    control_rx,
+                    inboxes: inboxes.clone(),
+                    shards: shard_gauges,
+                    writer: writer.stats.clone(),
+                    started,
+                },
+                move || {
+                    let _ = control_exit.send(Exit::Control);
+                },
+            )
+            .map_err(anyhow::Error::from)
+        }
+    };
+    drop(exit_tx);
+
+    let (control, stop_reason) = match control {
+        Err(e) => (None, Err(e)),
+        Ok(control) => {
             println!(
                 "ready device_addr={device_addr} shards={nr_shards} api_addr={}",
-                cfg.api_addr
+                control.addr()
             );
             tracing::info!(%device_addr, shards = nr_shards, "fleetgate ready.");
-            rt.block_on(wait_for_stop(
+            let stop_reason = rt.block_on(wait_for_stop(
                 &mut signals,
                 &mut exit_rx,
                 &mut shards_exited,
-            ))
+            ));
+            (Some(control), stop_reason)
         }
     };
     // A writer that died on a fatal database error says which.
@@ -265,10 +307,14 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         None => e,
     });
 
-    // Stop in reverse order of start: shards, then the writer, then the database. Each shard
-    // ends within its shutdown timeout (it aborts what is left then); a shard that does not is
-    // left behind, logged, rather than waited for.
+    // Stop in reverse order of start: the control thread (no more API requests or commands
+    // into the shards), shards, then the writer, then the database. Each shard ends within its
+    // shutdown timeout (it aborts what is left then); a shard that does not is left behind,
+    // logged, rather than waited for.
     let deadline = Instant::now() + cfg.shutdown_timeout() + Duration::from_secs(2);
+    if let Some(control) = control {
+        control.stop(Instant::now() + CONTROL_STOP_TIMEOUT);
+    }
     for tx in inboxes.iter() {
         let _ = tx.unbounded_send(ShardMsg::Shutdown);
     }
@@ -277,7 +323,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         while running > 0 {
             match tokio::time::timeout_at(deadline.into(), exit_rx.recv()).await {
                 Ok(Some(Exit::Shard(..))) => running -= 1,
-                Ok(Some(Exit::Writer)) => {}
+                Ok(Some(Exit::Writer | Exit::Control)) => {}
                 Ok(None) | Err(_) => break,
             }
         }
@@ -310,6 +356,7 @@ enum Exit {
     /// A shard thread, and whether it panicked.
     Shard(usize, bool),
     Writer,
+    Control,
 }
 
 /// SIGTERM and SIGINT, caught from the start of `serve` on: installing the handlers replaces
@@ -387,6 +434,7 @@ async fn wait_for_stop(
                     anyhow!("shard {id} stopped unexpectedly")
                 }
             }
+            Some(Exit::Control) => anyhow!("the control thread stopped unexpectedly"),
             _ => anyhow!("the writer thread stopped unexpectedly"),
         }),
     }

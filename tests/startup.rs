@@ -63,6 +63,7 @@ fn sigterm_during_startup_stops_the_managed_postgres() {
     let log = dir.path().join("gateway.log");
     let child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
         .args(["serve", "--device-port", "0", "--device-host", "127.0.0.1"])
+        .args(["--api-addr", "127.0.0.1:0"])
         .args(["--shards", "1", "--data-dir"])
         .arg(&data_dir)
         // No database flag, nor its variables: the managed PostgreSQL.

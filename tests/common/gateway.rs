@@ -16,6 +16,8 @@ use super::TempDir;
 pub struct Gateway {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// The control API's address, from the ready line (`api_addr=`).
+    pub api: SocketAddr,
     log: std::path::PathBuf,
     _dir: TempDir,
 }
@@ -28,7 +30,23 @@ impl Gateway {
 
     /// Starts a gateway on `port` (0: any); `Err` with its log when it does not become ready.
     pub fn start_on(db_url: &str, port: u16, extra: &[&str]) -> Result<Gateway, String> {
+        Gateway::start_with_env(db_url, port, extra, &[])
+    }
+
+    /// As [`Gateway::start_on`], with environment variables (`FLEETGATE_API_KEYS`). The API
+    /// listens on any free loopback port unless `extra` names an `--api-addr`.
+    pub fn start_with_env(
+        db_url: &str,
+        port: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Gateway, String> {
         let dir = TempDir::new();
+        let api_addr: &[&str] = if extra.contains(&"--api-addr") {
+            &[]
+        } else {
+            &["--api-addr", "127.0.0.1:0"]
+        };
         let log = dir.path().join("gateway.log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
             .args([
@@ -42,8 +60,11 @@ impl Gateway {
             ])
             .args(["--device-port", &port.to_string(), "--data-dir"])
             .arg(dir.path())
+            .args(api_addr)
             .args(extra)
             .env("RUST_LOG", "fleetgate=debug")
+            .env_remove("FLEETGATE_API_KEYS")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -52,20 +73,32 @@ impl Gateway {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("ready device_addr=") {
-                    let _ = tx.send(addr.split(' ').next().unwrap().to_string());
+                if let Some(rest) = line.strip_prefix("ready device_addr=") {
+                    let addr = rest.split(' ').next().unwrap().to_string();
+                    let api = rest
+                        .split(' ')
+                        .find_map(|f| f.strip_prefix("api_addr="))
+                        .unwrap_or_default()
+                        .to_string();
+                    let _ = tx.send((addr, api));
                 }
             }
         });
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => Ok(Gateway {
+            Ok((addr, api)) => Ok(Gateway {
                 child: Some(child),
                 addr: addr.parse().unwrap(),
+                api: api.parse().expect("api_addr in the ready line"),
                 log,
                 _dir: dir,
             }),
             Err(_) => {
-                let status = child.try_wait().ok().flatten();
+                // Its standard output closed (it is exiting), or it took too long.
+                let mut status = None;
+                wait_until(Duration::from_secs(10), || {
+                    status = child.try_wait().ok().flatten();
+                    status.is_some()
+                });
                 let _ = child.kill();
                 let _ = child.wait();
                 Err(format!(
