@@ -770,8 +770,6 @@ fn a_command_for_an_offline_device_is_sent_when_it_logs_in() {
 
 /// The whole round trip: command out, the device's Codec 12 response back, state `completed`.
 #[test]
-#[ignore = "conn::tcp logs a device's answer but does not report it to the control thread \
-            (ControlMsg::CommandAnswered): the command stays `sent`"]
 fn a_devices_answer_completes_its_command() {
     let pg = TestPg::start();
     let gw = start(&pg, &[]);

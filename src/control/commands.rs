@@ -24,6 +24,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_postgres::Row;
 
+use super::events::{publish_command_event, CommandEvent, CommandEventData, EventStats};
 use crate::protocol::command::TYPE_COMMAND;
 use crate::protocol::tcp::encode_command_frame;
 use crate::protocol::{Codec, Imei};
@@ -140,6 +141,8 @@ pub struct Commands {
     inboxes: Arc<Vec<futures::channel::mpsc::UnboundedSender<ShardMsg>>>,
     /// Devices connected to this gateway, and their shard.
     online: Mutex<HashMap<Imei, usize>>,
+    /// Where the events this ledger publishes are counted, once their transaction commits.
+    events: Mutex<Option<Arc<EventStats>>>,
 }
 
 const COLUMNS: &str = "id, imei, codec, command, payload, metadata, priority, state, attempts, \
@@ -183,7 +186,13 @@ impl Commands {
             pool,
             inboxes,
             online: Mutex::new(HashMap::new()),
+            events: Mutex::new(None),
         }
+    }
+
+    /// Counts the events this ledger publishes in `stats` (the deliverer's).
+    pub fn count_events_in(&self, stats: Arc<EventStats>) {
+        *self.events.lock().unwrap() = Some(stats);
     }
 
     /// Queues a command: stored, older identical queued ones superseded, every gateway told.
@@ -448,22 +457,59 @@ impl Commands {
         self.dispatch(imei).await;
     }
 
-    /// Runs one state change of a command. (Events of finished commands are published by the
-    /// events module from the same transaction once it exists.)
+    /// Runs one state change (an UPDATE that returns the commands it changed) in a transaction
+    /// that also publishes the event of each command it finished: completed, failed, expired.
     async fn finish(
         &self,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<u64, LedgerError> {
-        let client = self
+        let mut client = self
             .pool
             .get()
             .await
             .map_err(pool_err("updating a command"))?;
-        client
-            .execute(sql, params)
+        let tx = client
+            .transaction()
             .await
-            .map_err(ledger_err("updating a command"))
+            .map_err(ledger_err("updating a command"))?;
+        let rows = tx
+            .query(&format!("{sql} RETURNING {COLUMNS}"), params)
+            .await
+            .map_err(ledger_err("updating a command"))?;
+        let mut published = 0;
+        for r in &rows {
+            let v = view(r);
+            let event = match v.state.as_str() {
+                "completed" => CommandEvent::Completed,
+                "failed" => CommandEvent::Failed,
+                "expired" => CommandEvent::Expired,
+                _ => continue,
+            };
+            let command = v.command.as_deref().or(v.hex.as_deref()).unwrap_or("");
+            let data = CommandEventData {
+                imei: r.get::<_, i64>("imei") as u64,
+                command_id: v.id,
+                command,
+                state: &v.state,
+                response: v.response.as_deref(),
+                metadata: Some(&v.metadata),
+                error: v.error.as_deref(),
+            };
+            publish_command_event(&*tx, event, &data)
+                .await
+                .map_err(ledger_err("publishing a command event"))?;
+            published += 1;
+        }
+        tx.commit()
+            .await
+            .map_err(ledger_err("updating a command"))?;
+        if let Some(stats) = self.events.lock().unwrap().as_ref() {
+            stats
+                .published
+                .fetch_add(published, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(rows.len() as u64)
     }
 
     /// Upkeep on a clock: queued commands past their TTL expire; commands held in flight for

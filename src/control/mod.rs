@@ -81,6 +81,8 @@ pub enum StartError {
     },
     #[error("database pool: {0}")]
     Pool(String),
+    #[error("{0}")]
+    Routes(String),
     #[error("starting the control thread: {0}")]
     Thread(std::io::Error),
 }
@@ -166,6 +168,13 @@ pub fn spawn(
         pool.clone(),
         links.inboxes.clone(),
     ));
+    let deliverer = events::DelivererConfig::from_config(
+        &links.config,
+        links.database_url.clone(),
+        links.config.gateway_id.clone(),
+    )
+    .map_err(|e| StartError::Routes(e.to_string()))?;
+    cmds.count_events_in(deliverer.stats.clone());
     let gauges = Arc::new(Gauges::new(links.shards, links.writer, links.started));
     let (stop, stop_rx) = watch::channel(false);
     let (ended_tx, ended) = std::sync::mpsc::channel::<()>();
@@ -187,7 +196,9 @@ pub fn spawn(
                     return;
                 }
             };
-            rt.block_on(run(listener, state, cmds, gauges, control_rx, url, stop_rx));
+            rt.block_on(run(
+                listener, state, cmds, deliverer, gauges, control_rx, url, stop_rx,
+            ));
         })
         .map_err(StartError::Thread)?;
     tracing::info!(%addr, "API listening.");
@@ -199,11 +210,14 @@ pub fn spawn(
     })
 }
 
-/// The control thread's body: the API, the dispatcher and the rate sampler until `stop`.
+/// The control thread's body: the API, the dispatcher, the webhook deliverer and the rate
+/// sampler until `stop`.
+#[allow(clippy::too_many_arguments)]
 async fn run(
     listener: std::net::TcpListener,
     state: api::Api,
     cmds: Arc<Commands>,
+    deliverer: events::DelivererConfig,
     gauges: Arc<Gauges>,
     control_rx: ControlRx,
     url: String,
@@ -217,6 +231,8 @@ async fn run(
         }
     };
     let dispatcher = tokio::spawn(commands::run(cmds, control_rx, url, stop.clone()));
+    // Also runs with no routes: it prunes delivered events.
+    let deliverer = tokio::spawn(events::run_deliverer(deliverer, stop.clone()));
     let sampler = tokio::spawn(async move {
         let mut every = tokio::time::interval(metrics::SAMPLE_EVERY);
         loop {
@@ -228,6 +244,9 @@ async fn run(
     sampler.abort();
     if let Err(e) = dispatcher.await {
         tracing::error!(error = %e, "The command dispatcher failed.");
+    }
+    if let Err(e) = deliverer.await {
+        tracing::error!(error = %e, "The webhook deliverer failed.");
     }
 }
 
