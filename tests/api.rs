@@ -807,3 +807,142 @@ fn a_devices_answer_completes_its_command() {
         .json();
     assert_eq!(v["response"], "Ver:03.27.07");
 }
+
+/// Checks a webhook request's signature the way a receiver would: HMAC-SHA256 with the
+/// route's secret over `t.BODY`, compared with the `v1` of `X-Fleetgate-Signature`.
+fn assert_signed(r: &common::receiver::Received, secret: &str) {
+    use hmac::{Hmac, Mac};
+    let sig = r.header("x-fleetgate-signature").expect("signature header");
+    let (t, v1) = sig
+        .strip_prefix("t=")
+        .and_then(|s| s.split_once(",v1="))
+        .unwrap_or_else(|| panic!("malformed signature {sig}"));
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.{}", r.body).as_bytes());
+    assert_eq!(
+        hex::encode(mac.finalize().into_bytes()),
+        v1,
+        "bad signature"
+    );
+    assert_eq!(r.header("x-fleetgate-event-id"), Some(r.id().as_str()));
+}
+
+/// A backend told by webhooks: a device connecting, its command completing (with the caller's
+/// metadata and the device's answer), and its disconnection, which a receiver that is down
+/// across a gateway restart still gets once it is back.
+#[test]
+fn webhooks_tell_the_backend_what_happened_signed_and_across_a_restart() {
+    let pg = TestPg::start();
+    let rx = common::receiver::Receiver::start(200);
+    let dir = TempDir::new();
+    let config = dir.path().join("fleetgate.toml");
+    let secret = "wh-5ecret-91";
+    std::fs::write(
+        &config,
+        format!(
+            "[[routes]]\nname = \"backend\"\ntopics = [\"devices/+/connected\", \"devices/+/disconnected\", \"commands/#\"]\nurl = \"{}\"\nsecret = \"{secret}\"\n",
+            rx.url("/hook")
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    let mut gw = start(&pg, &["--config", cfg]);
+    let api = Http::new(gw.api);
+    let id_ = imei(356_307_042_441_013);
+    let topic = |t: &str| format!("devices/{id_}/{t}");
+    let got = |t: &str| {
+        rx.delivered()
+            .into_iter()
+            .filter(|r| r.json()["topic"] == t)
+            .count()
+    };
+
+    let mut dev = Device::connect(gw.addr, id_);
+    assert!(wait_until(Duration::from_secs(15), || got(&topic(
+        "connected"
+    )) == 1));
+    let id = api.command(json!({
+        "imei": id_.to_string(), "command": "setdigout 1", "metadata": {"ticket": "T-17"}
+    }));
+    read_command(&mut dev);
+    answer(&mut dev, b"DOUT1:1");
+    let completed = format!("commands/{id}/completed");
+    assert!(wait_until(Duration::from_secs(15), || got(&completed) == 1));
+    for r in rx.delivered() {
+        assert_signed(&r, secret);
+    }
+    let ev = rx
+        .delivered()
+        .into_iter()
+        .find(|r| r.json()["topic"] == completed)
+        .unwrap()
+        .json();
+    let data = &ev["data"];
+    assert_eq!(data["imei"], json!(id_.to_string()), "{ev}");
+    assert_eq!(data["command_id"], json!(id), "{ev}");
+    assert_eq!(data["response"], "DOUT1:1", "{ev}");
+    assert_eq!(data["metadata"], json!({"ticket": "T-17"}), "{ev}");
+    assert_eq!(data["state"], "completed", "{ev}");
+
+    // The receiver goes down; the device disconnects; the gateway restarts; the receiver
+    // comes back: the disconnection still arrives, once.
+    rx.set_status(503);
+    drop(dev);
+    assert!(wait_until(Duration::from_secs(15), || rx
+        .received()
+        .iter()
+        .any(|r| r.json()["topic"] == topic("disconnected"))));
+    assert_eq!(got(&topic("disconnected")), 0);
+    gw.terminate(Duration::from_secs(30))
+        .expect("gateway stops");
+    let _gw2 = start(&pg, &["--config", cfg]);
+    rx.set_status(200);
+    assert!(wait_until(Duration::from_secs(30), || got(&topic(
+        "disconnected"
+    )) == 1));
+    assert_eq!(
+        got(&topic("connected")),
+        1,
+        "delivered events are not sent again"
+    );
+}
+
+/// Two gateways share one database (a load balancer spreads trackers over them): a command
+/// posted to either reaches the device where it is connected, and completes.
+#[test]
+fn a_command_posted_to_one_gateway_reaches_a_device_on_another() {
+    let pg = TestPg::start();
+    let a = start(&pg, &[]);
+    let b = start(&pg, &[]);
+    let id_ = imei(356_307_042_441_013);
+    let mut dev = Device::connect(b.addr, id_);
+    let (api_a, api_b) = (Http::new(a.api), Http::new(b.api));
+    // Wait until gateway B knows the device (its devices list shows it).
+    api_b.poll("/api/v1/devices", Duration::from_secs(10), |r| {
+        r.json()["devices"].as_array().is_some_and(|d| d.len() == 1)
+    });
+    for (n, api) in [&api_a, &api_b, &api_a].into_iter().enumerate() {
+        let text = format!("getparam {n}");
+        let id = api.command(json!({"imei": id_.to_string(), "command": text}));
+        let (_, kind, _, payload) = read_command(&mut dev);
+        assert_eq!((kind, payload), (TYPE_COMMAND, text.clone().into_bytes()));
+        answer(&mut dev, format!("answer {n}").as_bytes());
+        let v = api_a
+            .poll(
+                &format!("/api/v1/commands/{id}"),
+                Duration::from_secs(10),
+                |r| r.json()["state"] == "completed",
+            )
+            .json();
+        assert_eq!(v["response"], format!("answer {n}"));
+    }
+    // Sent once each: nothing more arrives on the device's socket.
+    dev.stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut b1 = [0u8; 1];
+    assert!(
+        dev.stream.read(&mut b1).is_err(),
+        "a command was sent twice"
+    );
+}
