@@ -883,6 +883,13 @@ fn webhooks_tell_the_backend_what_happened_signed_and_across_a_restart() {
     assert_eq!(data["response"], "DOUT1:1", "{ev}");
     assert_eq!(data["metadata"], json!({"ticket": "T-17"}), "{ev}");
     assert_eq!(data["state"], "completed", "{ev}");
+    let metrics = api.get("/metrics", Key::None).body;
+    let delivered = metric(
+        &metrics,
+        "fleetgate_webhook_attempts_total{outcome=\"delivered\"}",
+    );
+    assert!(delivered >= Some(2.0), "{metrics}");
+    assert!(metric_sum(&metrics, "fleetgate_events_published_total") >= 1.0);
 
     // The receiver goes down; the device disconnects; the gateway restarts; the receiver
     // comes back: the disconnection still arrives, once.

@@ -21,6 +21,7 @@ use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::control::events::EventStats;
 use crate::shard::budget::ByteBudget;
 use crate::shard::ShardStats;
 use crate::sink::writer::WriterStats;
@@ -63,6 +64,8 @@ impl ApiCounters {
 pub struct Gauges {
     pub shards: Vec<ShardGauges>,
     pub writer: Arc<WriterStats>,
+    /// The webhook deliverer's counters (and the ledger's published events).
+    pub events: Arc<EventStats>,
     /// When `serve` started (uptime).
     pub started: Instant,
     pub api: ApiCounters,
@@ -79,10 +82,16 @@ fn records_of(s: &ShardStats) -> u64 {
 }
 
 impl Gauges {
-    pub fn new(shards: Vec<ShardGauges>, writer: Arc<WriterStats>, started: Instant) -> Gauges {
+    pub fn new(
+        shards: Vec<ShardGauges>,
+        writer: Arc<WriterStats>,
+        events: Arc<EventStats>,
+        started: Instant,
+    ) -> Gauges {
         Gauges {
             shards,
             writer,
+            events,
             started,
             api: ApiCounters::default(),
             samples: Mutex::new(VecDeque::new()),
@@ -156,6 +165,16 @@ impl Gauges {
                 session_events_dropped: load(&w.session_events_dropped),
                 session_events_refused: load(&w.session_events_refused),
             },
+            events: EventFigures {
+                published: load(&w.events_published) + load(&self.events.published),
+                delivered: load(&self.events.delivered),
+                retried: load(&self.events.retried),
+                failed_attempts: load(&self.events.failed_attempts),
+                lag_s: load(&self.events.lag_ms) as f64 / 1000.0,
+                in_memory: load(&self.events.window_events),
+                routes_leased: load(&self.events.routes_leased),
+                pruned: load(&self.events.pruned),
+            },
             api: ApiFigures {
                 auth_missing_key: load(&self.api.missing_key),
                 auth_wrong_key: load(&self.api.wrong_key),
@@ -193,7 +212,29 @@ pub struct Stats {
     pub total: Counters,
     pub shards: Vec<ShardFigures>,
     pub writer: WriterFigures,
+    pub events: EventFigures,
     pub api: ApiFigures,
+}
+
+/// Events and their webhook delivery.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct EventFigures {
+    /// Events put in the outbox (by the writer and the command ledger).
+    pub published: u64,
+    /// Webhook requests answered 2xx.
+    pub delivered: u64,
+    /// Attempts that retried an event that had failed before.
+    pub retried: u64,
+    /// Attempts that failed (non-2xx, connection error, timeout).
+    pub failed_attempts: u64,
+    /// How long the oldest undelivered event of the routes this gateway delivers has waited.
+    pub lag_s: f64,
+    /// Events held in memory by the deliverer (bounded by its windows).
+    pub in_memory: u64,
+    /// Routes this gateway delivers now (holds the lease of).
+    pub routes_leased: u64,
+    /// Delivered events deleted from the outbox.
+    pub pruned: u64,
 }
 
 /// One shard.
@@ -702,6 +743,56 @@ impl Collector for Exposition {
                 ),
             ],
         )?;
+        let ev = &st.events;
+        family(
+            e,
+            "fleetgate_events_published",
+            "Events put in the outbox.",
+            None,
+            Counter,
+            one(ev.published),
+        )?;
+        family(
+            e,
+            "fleetgate_webhook_attempts",
+            "Webhook requests, by outcome (delivered: answered 2xx).",
+            None,
+            Counter,
+            vec![
+                (
+                    vec![("outcome", "delivered".to_string())],
+                    Value::Int(ev.delivered),
+                ),
+                (
+                    vec![("outcome", "failed".to_string())],
+                    Value::Int(ev.failed_attempts),
+                ),
+            ],
+        )?;
+        family(
+            e,
+            "fleetgate_webhook_retries",
+            "Webhook attempts that retried an event that had failed before.",
+            None,
+            Counter,
+            one(ev.retried),
+        )?;
+        family(
+            e,
+            "fleetgate_events_lag",
+            "Age of the oldest undelivered event of the routes this gateway delivers.",
+            Some(&seconds),
+            Gauge,
+            vec![(Vec::new(), Value::Float(ev.lag_s))],
+        )?;
+        family(
+            e,
+            "fleetgate_events_in_memory",
+            "Events the deliverer holds in memory.",
+            None,
+            Gauge,
+            one(ev.in_memory),
+        )?;
         family(
             e,
             "fleetgate_api_auth_failures",
@@ -759,6 +850,7 @@ mod tests {
         Arc::new(Gauges::new(
             shards,
             Arc::new(WriterStats::default()),
+            Arc::new(EventStats::default()),
             Instant::now(),
         ))
     }

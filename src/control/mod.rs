@@ -175,7 +175,12 @@ pub fn spawn(
     )
     .map_err(|e| StartError::Routes(e.to_string()))?;
     cmds.count_events_in(deliverer.stats.clone());
-    let gauges = Arc::new(Gauges::new(links.shards, links.writer, links.started));
+    let gauges = Arc::new(Gauges::new(
+        links.shards,
+        links.writer,
+        deliverer.stats.clone(),
+        links.started,
+    ));
     let (stop, stop_rx) = watch::channel(false);
     let (ended_tx, ended) = std::sync::mpsc::channel::<()>();
     let ApiListener { listener, keys } = api;
