@@ -26,7 +26,6 @@ use std::time::Instant;
 
 use futures::channel::oneshot;
 use futures::io::AsyncWrite;
-use futures::stream::{FuturesUnordered, StreamExt};
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
 
@@ -68,7 +67,9 @@ pub async fn accepted(shard: Rc<Shard>, stream: TcpStream, conn: ConnGuard) {
     }
     let owner = shard_for(imei, shard.nr_shards);
     if owner == shard.id {
-        return logged_in(d, rb, imei, peer).await;
+        // A task of its own: this one's state (sized for the login phase) is freed now.
+        crate::shard::spawn_detached(&shard.gate, logged_in(d, rb, imei, peer));
+        return;
     }
     hand_over(&shard, &d.stream, imei, peer, rb.data(), owner);
 }
@@ -221,7 +222,9 @@ struct Driver {
     conn: ConnGuard,
     stream: TcpStream,
     session: Session,
-    commits: FuturesUnordered<Commit>,
+    /// Commit answers awaited, at most the session's in-flight window: polled in place (no
+    /// allocation per frame, none at all for an idle connection).
+    commits: Vec<Commit>,
     /// What is being written, and how much of it is out.
     out: Vec<u8>,
     out_pos: usize,
@@ -236,7 +239,7 @@ impl Driver {
             conn,
             stream,
             session,
-            commits: FuturesUnordered::new(),
+            commits: Vec::new(),
             out: Vec::new(),
             out_pos: 0,
             timer: None,
@@ -304,7 +307,8 @@ impl Driver {
                     let need = rows_len(&avl);
                     let permit = match self.shard.budget.try_acquire(need) {
                         Some(p) => p,
-                        None => match self.wait_for_budget(need).await {
+                        // Boxed: rare, and inline it would size every connection's task.
+                        None => match Box::pin(self.wait_for_budget(need)).await {
                             Some(p) => p,
                             None => {
                                 // Cancelled while waiting: the frame was never submitted.
@@ -384,8 +388,14 @@ impl Driver {
         if let Poll::Ready(s) = self.conn.ctl.poll_signal(cx) {
             return Poll::Ready(Event::Signal(s));
         }
-        if let Poll::Ready(Some((seq, o))) = self.commits.poll_next_unpin(cx) {
-            return Poll::Ready(Event::Commit(seq, o));
+        for i in 0..self.commits.len() {
+            if let Poll::Ready((seq, o)) = Pin::new(&mut self.commits[i]).poll(cx) {
+                self.commits.swap_remove(i);
+                if self.commits.is_empty() {
+                    self.commits = Vec::new(); // an idle connection keeps no capacity
+                }
+                return Poll::Ready(Event::Commit(seq, o));
+            }
         }
         while self.out_pos < self.out.len() {
             match Pin::new(&mut self.stream).poll_write(cx, &self.out[self.out_pos..]) {
