@@ -13,28 +13,6 @@ use fleetgate::config::{DevicePolicyKind, TelemetryEventsKind};
 use fleetgate::housekeeper::{self, HousekeeperConfig};
 use fleetgate::policy::{DevicePolicy, TelemetryPolicy};
 
-fn execute(pg: &TestPg, sql: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        pg.client()
-            .await
-            .batch_execute(sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-    })
-}
-
-fn scalar(pg: &TestPg, sql: &str) -> i64 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async { pg.client().await.query_one(sql, &[]).await.unwrap().get(0) })
-}
-
 /// The login answer of `id`, or `None` when the connection failed.
 fn login(gw: &Gateway, id: u64) -> Option<u8> {
     Device::login(gw.addr, imei(id))
@@ -64,7 +42,7 @@ fn a_device_enabled_while_nothing_is_admitted_may_log_in_after_a_reload() {
     let id = 356_900_000_000_001;
     assert_eq!(login(&gw, id), Some(0), "unknown device refused");
 
-    execute(&pg, "INSERT INTO devices (imei) VALUES (356900000000001)");
+    pg.execute("INSERT INTO devices (imei) VALUES (356900000000001)");
     let start = Instant::now();
     assert!(
         wait_until(Duration::from_secs(10), || login(&gw, id) == Some(1)),
@@ -74,10 +52,7 @@ fn a_device_enabled_while_nothing_is_admitted_may_log_in_after_a_reload() {
 
     // Disabling the device refuses its next login and ends the session it has now.
     let mut live = Device::connect(gw.addr, imei(id));
-    execute(
-        &pg,
-        "UPDATE devices SET enabled = false WHERE imei = 356900000000001",
-    );
+    pg.execute("UPDATE devices SET enabled = false WHERE imei = 356900000000001");
     assert!(
         live.closed_within(Duration::from_secs(10)),
         "the disabled device's live session was not ended"
@@ -87,8 +62,7 @@ fn a_device_enabled_while_nothing_is_admitted_may_log_in_after_a_reload() {
         "the disabled device was still admitted"
     );
     assert!(
-        wait_until(Duration::from_secs(10), || scalar(
-            &pg,
+        wait_until(Duration::from_secs(10), || pg.scalar(
             "SELECT count(*) FROM device_sessions WHERE reason = 'device disabled'"
         ) == 1),
         "no session ended with reason 'device disabled'"
@@ -119,7 +93,7 @@ fn the_housekeeper_reports_allow_list_changes_and_stops_promptly() {
         },
     )
     .unwrap();
-    execute(&pg, "INSERT INTO devices (imei) VALUES (356900000000002)");
+    pg.execute("INSERT INTO devices (imei) VALUES (356900000000002)");
     assert!(wait_until(Duration::from_secs(10), || policy
         .admits(imei(356_900_000_000_002))));
     assert!(wait_until(Duration::from_secs(10), || changes
@@ -127,10 +101,7 @@ fn the_housekeeper_reports_allow_list_changes_and_stops_promptly() {
         == 1));
     // A disabled row leaves the set as it was: five more reload periods, no more calls. (An
     // absence cannot be polled for; the pause gives a wrong call time to happen.)
-    execute(
-        &pg,
-        "INSERT INTO devices (imei, enabled) VALUES (356900000000003, false)",
-    );
+    pg.execute("INSERT INTO devices (imei, enabled) VALUES (356900000000003, false)");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(changes.load(Ordering::SeqCst), 1);
 

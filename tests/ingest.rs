@@ -15,33 +15,6 @@ use fleetgate::protocol::Codec;
 const LONG: Duration = Duration::from_secs(60);
 
 /// Runs one query on a fresh connection and returns the first column of the first row.
-fn scalar(pg: &TestPg, sql: &str) -> i64 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let c = pg.client().await;
-        c.query_one(sql, &[])
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            .get::<_, i64>(0)
-    })
-}
-
-fn rows(pg: &TestPg, sql: &str) -> Vec<tokio_postgres::Row> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        pg.client()
-            .await
-            .query(sql, &[])
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-    })
-}
 
 /// `devices` trackers from IMEI `imei_base` on, each delivering `frames_each` frames of ten
 /// Codec 8E records with up to four in flight, reconnecting and resending until all are acked.
@@ -124,30 +97,19 @@ fn devices_of_every_codec_over_tcp_and_udp_store_exactly_what_was_acked() {
         h.join().unwrap();
     }
     assert_eq!(
-        scalar(
-            &pg,
-            "SELECT count(*) FROM telemetry WHERE imei < 357000000000000"
-        ),
+        pg.scalar("SELECT count(*) FROM telemetry WHERE imei < 357000000000000"),
         24 * 4 * 10
     );
     assert_eq!(
-        scalar(
-            &pg,
-            "SELECT count(*) FROM telemetry WHERE imei >= 357000000000000"
-        ),
+        pg.scalar("SELECT count(*) FROM telemetry WHERE imei >= 357000000000000"),
         9
     );
-    assert_eq!(
-        scalar(&pg, "SELECT count(DISTINCT imei) FROM telemetry"),
-        27
-    );
+    assert_eq!(pg.scalar("SELECT count(DISTINCT imei) FROM telemetry"), 27);
 
     // The decoded values of one record of each codec, as sent.
     for (d, codec) in codecs.iter().enumerate() {
         let want = &records(*codec, 10, 1_700_000_000_000, (d * 10) as u32)[3];
-        let r = &rows(
-            &pg,
-            &format!(
+        let r = &pg.rows(&format!(
                 "SELECT extract(epoch FROM ts)::float8 * 1000, priority, lat, lon, alt, angle, sats, speed, event_io, gen_type,
                         io_ids, io_values, nx_ids, nx_values, codec
                    FROM telemetry WHERE imei = {} AND ts = to_timestamp({})",
@@ -193,22 +155,15 @@ fn devices_of_every_codec_over_tcp_and_udp_store_exactly_what_was_acked() {
     }
     // IO queryable in plain SQL by id.
     assert_eq!(
-        scalar(
-            &pg,
-            "SELECT count(*) FROM telemetry WHERE io_value(io_ids, io_values, 66) >= 12000"
-        ),
+        pg.scalar("SELECT count(*) FROM telemetry WHERE io_value(io_ids, io_values, 66) >= 12000"),
         24 * 40 + 9
     );
     // Every TCP session recorded its connect and its disconnect.
-    assert!(wait_until(LONG, || scalar(
-        &pg,
+    assert!(wait_until(LONG, || pg.scalar(
         "SELECT count(*) FROM device_sessions WHERE event = 'disconnect'"
     ) >= 24));
     assert_eq!(
-        scalar(
-            &pg,
-            "SELECT count(*) FROM device_sessions WHERE event = 'connect'"
-        ),
+        pg.scalar("SELECT count(*) FROM device_sessions WHERE event = 'connect'"),
         24
     );
 }
@@ -227,7 +182,7 @@ fn resends_are_stored_once_and_distinct_records_with_one_timestamp_both_survive(
     drop(dev);
     let mut dev = Device::connect(gw.addr, id);
     assert_eq!(dev.send_frame(&f).unwrap(), 5);
-    assert_eq!(scalar(&pg, "SELECT count(*) FROM telemetry"), 5);
+    assert_eq!(pg.scalar("SELECT count(*) FROM telemetry"), 5);
 
     // Two different records at the same instant: both kept. And a resend mixed with new ones.
     let mut same_ts = records(Codec::C8E, 2, 1_650_000_000_000, 2);
@@ -236,12 +191,9 @@ fn resends_are_stored_once_and_distinct_records_with_one_timestamp_both_survive(
     mixed.extend(records(Codec::C8E, 3, 1_660_000_000_000, 3));
     assert_eq!(dev.send_frame(&frame(Codec::C8E, &same_ts)).unwrap(), 2);
     assert_eq!(dev.send_frame(&frame(Codec::C8E, &mixed)).unwrap(), 5);
-    assert_eq!(scalar(&pg, "SELECT count(*) FROM telemetry"), 5 + 2 + 3);
+    assert_eq!(pg.scalar("SELECT count(*) FROM telemetry"), 5 + 2 + 3);
     assert_eq!(
-        scalar(
-            &pg,
-            "SELECT count(*) FROM telemetry WHERE ts = to_timestamp(1650000000)"
-        ),
+        pg.scalar("SELECT count(*) FROM telemetry WHERE ts = to_timestamp(1650000000)"),
         2
     );
 
@@ -252,10 +204,9 @@ fn resends_are_stored_once_and_distinct_records_with_one_timestamp_both_survive(
     assert_eq!(dev.send_frame(&frame(Codec::C8, &odd)).unwrap(), 3);
     let odd_times = "ts IN (to_timestamp(0), '2000-01-01Z', to_timestamp(12307334400))";
     assert_eq!(
-        scalar(
-            &pg,
-            &format!("SELECT count(*) FROM telemetry_default WHERE {odd_times}")
-        ),
+        pg.scalar(&format!(
+            "SELECT count(*) FROM telemetry_default WHERE {odd_times}"
+        )),
         3
     );
 }
@@ -312,10 +263,7 @@ fn bad_input_is_refused_and_everyone_else_keeps_being_served() {
     s.send(&f).unwrap();
     assert!(s.closed_within(Duration::from_secs(10)));
     assert_eq!(
-        scalar(
-            &pg,
-            "SELECT count(*) FROM telemetry WHERE imei = 356200000000002"
-        ),
+        pg.scalar("SELECT count(*) FROM telemetry WHERE imei = 356200000000002"),
         0
     );
 
@@ -345,10 +293,7 @@ fn bad_input_is_refused_and_everyone_else_keeps_being_served() {
 
     check_steady(&mut steady);
     assert_eq!(
-        scalar(
-            &pg,
-            "SELECT count(*) FROM telemetry WHERE imei = 356200000000000"
-        ),
+        pg.scalar("SELECT count(*) FROM telemetry WHERE imei = 356200000000000"),
         4 * 2
     );
 }
@@ -362,8 +307,7 @@ fn silent_devices_are_closed_after_the_idle_timeout_and_the_connection_cap_holds
     );
     let mut quiet = Device::connect(gw.addr, imei(356_310_000_000_000));
     assert!(quiet.closed_within(Duration::from_secs(10)));
-    assert!(wait_until(LONG, || scalar(
-        &pg,
+    assert!(wait_until(LONG, || pg.scalar(
         "SELECT count(*) FROM device_sessions WHERE reason = 'idle timeout'"
     ) == 1));
 
@@ -408,9 +352,7 @@ fn a_second_connection_for_an_imei_replaces_the_first() {
         1
     );
     assert!(wait_until(LONG, || {
-        scalar(
-        &pg,
-        "SELECT count(*) FROM device_sessions WHERE event = 'disconnect' AND reason = 'replaced by a new connection'"
+        pg.scalar("SELECT count(*) FROM device_sessions WHERE event = 'disconnect' AND reason = 'replaced by a new connection'"
     ) == 1
     }));
 }
@@ -429,7 +371,7 @@ fn a_port_already_served_is_refused() {
 #[test]
 fn allow_list_refuses_unknown_and_disabled_devices() {
     let pg = TestPg::start();
-    scalar(&pg, "WITH i AS (INSERT INTO devices (imei, enabled) VALUES (356400000000001, true), (356400000000002, false) RETURNING 1) SELECT count(*) FROM i");
+    pg.scalar("WITH i AS (INSERT INTO devices (imei, enabled) VALUES (356400000000001, true), (356400000000002, false) RETURNING 1) SELECT count(*) FROM i");
     let gw = Gateway::start(&pg.url(), &["--device-policy", "allow_list"]);
     assert_eq!(
         Device::login(gw.addr, imei(356_400_000_000_001)).unwrap().1,
@@ -472,7 +414,7 @@ fn sigterm_commits_and_acks_what_is_in_flight_then_exits() {
             acked += n as i64;
         }
     }
-    assert_eq!(scalar(&pg, "SELECT count(*) FROM telemetry"), acked);
+    assert_eq!(pg.scalar("SELECT count(*) FROM telemetry"), acked);
 }
 
 /// Devices stream with several frames in flight; the gateway is SIGKILLed twice mid-stream
@@ -489,23 +431,19 @@ fn sigkill_during_load_loses_nothing_acked_and_duplicates_nothing() {
     let frames_each = 30u64;
     let handles = spawn_fleet(addr, 356_600_000_000_000, devices, frames_each);
     for _ in 0..2 {
-        let before = scalar(&pg, "SELECT count(*) FROM telemetry");
-        assert!(wait_until(LONG, || scalar(
-            &pg,
-            "SELECT count(*) FROM telemetry"
-        ) > before + 300));
+        let before = pg.scalar("SELECT count(*) FROM telemetry");
+        assert!(wait_until(LONG, || pg
+            .scalar("SELECT count(*) FROM telemetry")
+            > before + 300));
         let mut g = gw.lock().unwrap();
         g.kill();
         *g = Gateway::start_on(&pg.url(), port, &[]).expect("restart on the same port");
     }
     let resent: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
     let total = (devices * frames_each * 10) as i64;
-    assert_eq!(scalar(&pg, "SELECT count(*) FROM telemetry"), total);
+    assert_eq!(pg.scalar("SELECT count(*) FROM telemetry"), total);
     assert_eq!(
-        scalar(
-            &pg,
-            "SELECT count(*) FROM (SELECT DISTINCT imei, ts, rec_hash FROM telemetry) d"
-        ),
+        pg.scalar("SELECT count(*) FROM (SELECT DISTINCT imei, ts, rec_hash FROM telemetry) d"),
         total
     );
     eprintln!("frames resent after the kills: {resent}");
@@ -521,10 +459,9 @@ fn database_outage_stops_acks_bounds_memory_and_recovers() {
     let devices = 12u64;
     let frames_each = 40u64;
     let handles = spawn_fleet(addr, 356_700_000_000_000, devices, frames_each);
-    assert!(wait_until(LONG, || scalar(
-        &pg,
-        "SELECT count(*) FROM telemetry"
-    ) > 500));
+    assert!(wait_until(LONG, || pg
+        .scalar("SELECT count(*) FROM telemetry")
+        > 500));
     pg.pg.stop().unwrap();
     // During the outage the gateway holds at most its in-flight limits.
     let mut peak = 0;
@@ -541,5 +478,5 @@ fn database_outage_stops_acks_bounds_memory_and_recovers() {
         h.join().unwrap();
     }
     let total = (devices * frames_each * 10) as i64;
-    assert_eq!(scalar(&pg, "SELECT count(*) FROM telemetry"), total);
+    assert_eq!(pg.scalar("SELECT count(*) FROM telemetry"), total);
 }

@@ -55,14 +55,6 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-fn scalar(pg: &TestPg, sql: &str) -> i64 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async { pg.client().await.query_one(sql, &[]).await.unwrap().get(0) })
-}
-
 /// Logs in without waiting for the answer and sends `frames`; the socket is returned still
 /// open (the test decides what it reads).
 fn login_and_send(addr: SocketAddr, id: Imei, frames: &[Vec<u8>]) -> TcpStream {
@@ -200,7 +192,7 @@ fn sigterm_during_an_outage_with_traffic_parked_exits_in_time_acking_nothing() {
     drop(hogs);
     pg.pg.restart_after_stop().unwrap();
     assert_eq!(
-        scalar(&pg, "SELECT count(*) FROM telemetry WHERE imei >= 356800000000000 AND imei < 356801000000000"),
+        pg.scalar("SELECT count(*) FROM telemetry WHERE imei >= 356800000000000 AND imei < 356801000000000"),
         0
     );
 }
@@ -342,8 +334,7 @@ fn devices_that_never_read_do_not_stall_their_shard() {
     }
     eprintln!("the normal device's slowest ack beside 8 non-readers: {worst:?}");
     // The non-readers' writes were indeed stuck: each is closed by the write timeout.
-    assert!(wait_until(Duration::from_secs(30), || scalar(
-        &pg,
+    assert!(wait_until(Duration::from_secs(30), || pg.scalar(
         "SELECT count(*) FROM device_sessions WHERE reason = 'write timeout: device does not read'"
     ) == 8));
     drop(hogs);

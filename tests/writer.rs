@@ -17,21 +17,6 @@ use futures::channel::oneshot;
 
 const LONG: Duration = Duration::from_secs(60);
 
-fn scalar(pg: &TestPg, sql: &str) -> i64 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        pg.client()
-            .await
-            .query_one(sql, &[])
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            .get::<_, i64>(0)
-    })
-}
-
 /// A writer on `pg` with `connections` threads; a batch waits up to `delay_ms` for company.
 fn start_writer(pg: &TestPg, connections: usize, delay_ms: u64, events: usize) -> WriterHandle {
     writer::spawn(
@@ -134,7 +119,7 @@ fn malformed_copy_rows_fail_their_batch_alone_and_the_rest_commits() {
         answer_within(&mut good_rx, Duration::from_secs(20)),
         Some(WriteOutcome::Committed)
     );
-    assert_eq!(scalar(&pg, "SELECT count(*) FROM telemetry"), 3);
+    assert_eq!(pg.scalar("SELECT count(*) FROM telemetry"), 3);
     assert_eq!(
         w.stats
             .failed_batches
@@ -212,20 +197,17 @@ fn a_session_event_the_database_refuses_loses_only_itself() {
         answer_within(&mut rx, Duration::from_secs(20)),
         Some(WriteOutcome::Committed)
     );
-    assert_eq!(scalar(&pg, "SELECT count(*) FROM telemetry"), 4);
+    assert_eq!(pg.scalar("SELECT count(*) FROM telemetry"), 4);
     let stats = w.stats.clone();
     assert!(wait_until(LONG, || stats
         .session_events_refused
         .load(std::sync::atomic::Ordering::Relaxed)
         == 1));
     assert_eq!(
-        scalar(
-            &pg,
-            "SELECT count(*) FROM device_sessions WHERE imei = 356800000000020"
-        ),
+        pg.scalar("SELECT count(*) FROM device_sessions WHERE imei = 356800000000020"),
         1
     );
-    assert_eq!(scalar(&pg, "SELECT count(*) FROM device_sessions"), 1);
+    assert_eq!(pg.scalar("SELECT count(*) FROM device_sessions"), 1);
     drop(tx);
     assert!(w.close(Instant::now() + LONG), "a clean close");
 }
@@ -270,14 +252,14 @@ fn session_events_over_budget_during_an_outage_never_refuse_telemetry() {
     for rx in &mut answers {
         assert_eq!(answer_within(rx, LONG), Some(WriteOutcome::Committed));
     }
-    assert_eq!(scalar(&pg, "SELECT count(*) FROM telemetry"), 50);
+    assert_eq!(pg.scalar("SELECT count(*) FROM telemetry"), 50);
     let stats = w.stats.clone();
     assert!(wait_until(LONG, || stats
         .session_events
         .load(std::sync::atomic::Ordering::Relaxed)
         == budget as u64));
     assert_eq!(
-        scalar(&pg, "SELECT count(*) FROM device_sessions"),
+        pg.scalar("SELECT count(*) FROM device_sessions"),
         budget as i64
     );
     // The budget is free again.

@@ -93,6 +93,45 @@ impl TestPg {
     pub async fn client(&self) -> tokio_postgres::Client {
         connect(&self.url()).await
     }
+
+    /// Runs `sql` on a fresh connection (from a test thread, not inside a runtime); panics
+    /// with the statement on error.
+    pub fn rows(&self, sql: &str) -> Vec<tokio_postgres::Row> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            self.client()
+                .await
+                .query(sql, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        })
+    }
+
+    /// The first column (an int8) of the first row of `sql`.
+    pub fn scalar(&self, sql: &str) -> i64 {
+        self.rows(sql)
+            .first()
+            .unwrap_or_else(|| panic!("{sql}: no row"))
+            .get(0)
+    }
+
+    /// Runs statements for their effect.
+    pub fn execute(&self, sql: &str) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            self.client()
+                .await
+                .batch_execute(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        })
+    }
 }
 
 impl Drop for TestPg {
