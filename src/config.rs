@@ -80,8 +80,12 @@ pub struct Config {
     pub retention_days: i32,
     /// Seconds the shutdown may take to flush what is in flight before it is forced.
     pub shutdown_timeout_s: u64,
-    /// `tracing` filter, e.g. `info` or `fleetgate=debug`.
+    /// `tracing` filter, e.g. `info` or `fleetgate=debug` (`RUST_LOG`, when set, wins).
     pub log: String,
+    /// How log records are written to standard error: `text` for people (colours only when
+    /// standard error is a terminal, so a log file or a pipe holds no escape codes) or `json`,
+    /// one object per line, for log shippers.
+    pub log_format: LogFormat,
     /// Writer: device connect/disconnect events held at most while waiting for the database;
     /// more are dropped and counted. Telemetry never waits for them.
     pub max_session_events_queued: usize,
@@ -111,6 +115,15 @@ pub struct Config {
     /// level, `#` the rest), `url` (`http://…`), `secret` (signs each request) and an
     /// optional `name` (default: the url) that keys its delivery state in the database.
     pub routes: Vec<RouteConfig>,
+}
+
+/// How log records are written.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Which devices' telemetry becomes events.
@@ -178,6 +191,7 @@ impl Default for Config {
             retention_days: 0,
             shutdown_timeout_s: 10,
             log: "info".into(),
+            log_format: LogFormat::Text,
             max_session_events_queued: 65_536,
             api_keys: Vec::new(),
             gateway_id: String::new(),

@@ -1,11 +1,12 @@
 //! The `fleetgate` binary: parse the command line, load the configuration, hand over to the
 //! library. Runs on the main thread.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use fleetgate::config::{Config, DevicePolicyKind, DEFAULT_CONFIG_TOML};
+use fleetgate::config::{Config, DevicePolicyKind, LogFormat, DEFAULT_CONFIG_TOML};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -90,6 +91,9 @@ struct ServeArgs {
     /// The memory bound: bytes of rows a shard holds awaiting commit.
     #[arg(long)]
     max_bytes_in_flight_per_shard: Option<usize>,
+    /// Log records as text (for people) or json (one object per line).
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
 }
 
 /// Flags override the file: the one place where the two meet.
@@ -122,7 +126,8 @@ fn merge(db: &DbArgs, serve: Option<&ServeArgs>) -> anyhow::Result<Config> {
             shutdown_timeout_s,
             write_timeout_s,
             max_frames_in_flight_per_connection,
-            max_bytes_in_flight_per_shard
+            max_bytes_in_flight_per_shard,
+            log_format
         );
     }
     Ok(c.validate()?)
@@ -137,11 +142,11 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Migrate(db) => merge(&db, None).and_then(|c| {
-            init_logging(&c.log);
+            init_logging(&c);
             fleetgate::server::migrate_only(&c)
         }),
         Command::Serve(args) => merge(&args.db, Some(&args)).and_then(|c| {
-            init_logging(&c.log);
+            init_logging(&c);
             fleetgate::server::serve(c)
         }),
     };
@@ -154,11 +159,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str) {
+/// Logs go to standard error, as text or JSON lines. Colour escape codes only when standard
+/// error is a terminal: in a file, a pipe or the journal they are noise that grep and log
+/// shippers trip on.
+fn init_logging(c: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&c.log));
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match c.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
 }
