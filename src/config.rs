@@ -1,8 +1,12 @@
 //! Configuration: typed serde structs with defaults, loaded from a TOML file, overridden by
-//! command-line flags through one merge function, then validated. Read on the main thread.
+//! `FLEETGATE_<KEY>` environment variables ([`Config::load`]), then by command-line flags
+//! (one merge function in `main.rs`), then validated. Read on the main thread.
+//!
+//! Precedence, highest first: flags, environment, file, defaults.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -80,8 +84,12 @@ pub struct Config {
     pub retention_days: i32,
     /// Seconds the shutdown may take to flush what is in flight before it is forced.
     pub shutdown_timeout_s: u64,
-    /// `tracing` filter, e.g. `info` or `fleetgate=debug`.
+    /// `tracing` filter, e.g. `info` or `fleetgate=debug` (`RUST_LOG`, when set, wins).
     pub log: String,
+    /// How log records are written to standard error: `text` for people (colours only when
+    /// standard error is a terminal, so a log file or a pipe holds no escape codes) or `json`,
+    /// one object per line, for log shippers.
+    pub log_format: LogFormat,
     /// Writer: device connect/disconnect events held at most while waiting for the database;
     /// more are dropped and counted. Telemetry never waits for them.
     pub max_session_events_queued: usize,
@@ -111,6 +119,15 @@ pub struct Config {
     /// level, `#` the rest), `url` (`http://…`), `secret` (signs each request) and an
     /// optional `name` (default: the url) that keys its delivery state in the database.
     pub routes: Vec<RouteConfig>,
+}
+
+/// How log records are written.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Which devices' telemetry becomes events.
@@ -178,6 +195,7 @@ impl Default for Config {
             retention_days: 0,
             shutdown_timeout_s: 10,
             log: "info".into(),
+            log_format: LogFormat::Text,
             max_session_events_queued: 65_536,
             api_keys: Vec::new(),
             gateway_id: String::new(),
@@ -205,9 +223,132 @@ pub enum ConfigError {
     },
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    #[error(
+        "environment variable {var} is not a configuration option (there is no key `{key}`; \
+         `fleetgate print-config` lists them, FLEETGATE_<KEY> sets key <key>)"
+    )]
+    UnknownEnv { var: String, key: String },
+    #[error("environment variable {var} sets option `{key}`: {why}")]
+    EnvValue {
+        var: String,
+        key: String,
+        why: String,
+    },
+}
+
+/// The prefix of the environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "FLEETGATE_";
+
+/// `FLEETGATE_` variables that are not `FLEETGATE_<KEY>` overrides, handled elsewhere:
+/// `FLEETGATE_CONFIG`, `FLEETGATE_DATABASE_URL` and `FLEETGATE_DATA_DIR` stand for their flags
+/// (clap reads them, so a flag still beats them), `FLEETGATE_PG_BIN` names the PostgreSQL
+/// binaries, and `FLEETGATE_API_KEYS` has its own comma-separated form that adds keys to
+/// `api_keys` rather than replacing them (`control::api::auth`).
+pub const ENV_HANDLED_ELSEWHERE: &[&str] = &[
+    "FLEETGATE_CONFIG",
+    "FLEETGATE_DATABASE_URL",
+    "FLEETGATE_DATA_DIR",
+    "FLEETGATE_PG_BIN",
+    crate::control::api::auth::ENV_VAR,
+];
+
+/// The `FLEETGATE_*` variables of this process, for [`Config::load`].
+///
+/// # Errors
+/// A `FLEETGATE_*` variable whose value is not UTF-8 (named in the error).
+pub fn process_env() -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut env = BTreeMap::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str().filter(|n| n.starts_with(ENV_PREFIX)) else {
+            continue;
+        };
+        let value = value.into_string().map_err(|_| ConfigError::EnvValue {
+            var: name.to_string(),
+            key: env_key(name),
+            why: "the value is not UTF-8".into(),
+        })?;
+        env.insert(name.to_string(), value);
+    }
+    Ok(env)
+}
+
+/// The configuration key a `FLEETGATE_<KEY>` variable names.
+fn env_key(var: &str) -> String {
+    var.strip_prefix(ENV_PREFIX)
+        .unwrap_or(var)
+        .to_ascii_lowercase()
 }
 
 impl Config {
+    /// The file (if any) with the environment's `FLEETGATE_<KEY>` overrides applied over it:
+    /// everything but the flags. `env` holds the `FLEETGATE_*` variables ([`process_env`]; a
+    /// map, so that tests need not touch the process environment).
+    ///
+    /// Each variable is read as the value of the key it names, with the type the file would
+    /// give it: for keys whose value is a string (addresses, paths, `log`, the enums) the text
+    /// is taken as it is, without TOML quotes; for the others it is parsed as a TOML value
+    /// (`30`, `true`, `[{ topics = ["#"], url = "http://h/", secret = "s" }]`), and text
+    /// that is not one is kept as a string (which then fails to be a number, named). The
+    /// merged table is then read as the file would be.
+    ///
+    /// # Errors
+    /// The file cannot be read or parsed; a `FLEETGATE_*` variable names no key (unless it
+    /// is one of [`ENV_HANDLED_ELSEWHERE`]), or its value does not fit the key.
+    pub fn load(
+        file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            None => toml::Table::new(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.into(),
+                    source,
+                })?;
+                let parse = |source| ConfigError::Parse {
+                    path: path.into(),
+                    source,
+                };
+                // Read as a `Config` first: its errors point at the file's line and key.
+                toml::from_str::<Config>(&text).map_err(parse)?;
+                toml::from_str::<toml::Table>(&text).map_err(parse)?
+            }
+        };
+        let defaults = toml::Table::try_from(Config::default())
+            .expect("the default configuration serializes to a table");
+        for (var, text) in env {
+            if !var.starts_with(ENV_PREFIX) || ENV_HANDLED_ELSEWHERE.contains(&var.as_str()) {
+                continue;
+            }
+            let key = env_key(var);
+            let Some(default) = defaults.get(&key) else {
+                return Err(ConfigError::UnknownEnv {
+                    var: var.clone(),
+                    key,
+                });
+            };
+            let value = match default {
+                toml::Value::String(_) => toml::Value::String(text.clone()),
+                _ => toml::Value::deserialize(toml::de::ValueDeserializer::new(text))
+                    .unwrap_or_else(|_| toml::Value::String(text.clone())),
+            };
+            // Checked alone, so that a bad value is reported with its variable.
+            let mut alone = toml::Table::new();
+            alone.insert(key.clone(), value.clone());
+            if let Err(e) = toml::Value::Table(alone).try_into::<Config>() {
+                return Err(ConfigError::EnvValue {
+                    var: var.clone(),
+                    key,
+                    why: format!("{text:?}: {}", e.message().trim()),
+                });
+            }
+            table.insert(key, value);
+        }
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().trim().to_string()))
+    }
+
     /// Reads a TOML file; unknown keys are an error.
     ///
     /// # Errors
@@ -384,6 +525,164 @@ mod tests {
             assert!(c.validate().is_err());
         }
         assert!(Config::default().validate().is_ok());
+    }
+
+    /// A config file with `text` in a fresh temp dir, removed on drop.
+    struct TempFile(PathBuf);
+    impl TempFile {
+        fn new(name: &str, text: &str) -> TempFile {
+            let path = std::env::temp_dir().join(format!("fg-{}-{name}.toml", std::process::id()));
+            std::fs::write(&path, text).unwrap();
+            TempFile(path)
+        }
+    }
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn env(vars: &[(&str, &str)]) -> BTreeMap<String, String> {
+        vars.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file_which_overrides_the_defaults() {
+        let file = TempFile::new(
+            "precedence",
+            "shards = 3\nlog = \"warn\"\nidle_timeout_s = 5\ngateway_id = \"from-file\"\n",
+        );
+        let c = Config::load(
+            Some(&file.0),
+            &env(&[
+                ("FLEETGATE_SHARDS", "2"),
+                ("FLEETGATE_LOG", "fleetgate=debug,tokio=warn"),
+                ("FLEETGATE_LOG_FORMAT", "json"),
+                ("FLEETGATE_DEVICE_HOST", "127.0.0.1"),
+                ("FLEETGATE_API_ADDR", "[::1]:9090"),
+                // A string key keeps digits as text.
+                ("FLEETGATE_GATEWAY_ID", "123"),
+                ("FLEETGATE_PIN_CPUS", "true"),
+                ("FLEETGATE_MAX_BYTES_IN_FLIGHT_PER_SHARD", "1048576"),
+                ("FLEETGATE_DEVICE_POLICY", "allow_list"),
+                (
+                    "FLEETGATE_ROUTES",
+                    r##"[{ topics = ["#"], url = "http://127.0.0.1:9/h", secret = "s" }]"##,
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.shards, 2);
+        assert_eq!(c.log, "fleetgate=debug,tokio=warn");
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.device_host.to_string(), "127.0.0.1");
+        assert_eq!(c.api_addr.to_string(), "[::1]:9090");
+        assert_eq!(c.gateway_id, "123");
+        assert!(c.pin_cpus);
+        assert_eq!(c.max_bytes_in_flight_per_shard, 1 << 20);
+        assert_eq!(c.device_policy, DevicePolicyKind::AllowList);
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(c.routes[0].topics, ["#"]);
+        // From the file where the environment says nothing; defaults where neither does.
+        assert_eq!(c.idle_timeout_s, 5);
+        assert_eq!(c.login_timeout_s, 30);
+        assert!(c.validate().is_ok());
+
+        let c = Config::load(Some(&file.0), &env(&[])).unwrap();
+        assert_eq!((c.shards, c.log.as_str()), (3, "warn"));
+        assert_eq!(
+            Config::load(None, &env(&[])).unwrap(),
+            Config::default(),
+            "no file and no variables: the defaults"
+        );
+    }
+
+    #[test]
+    fn every_key_but_api_keys_has_its_variable() {
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        for (key, value) in &defaults {
+            let var = format!("FLEETGATE_{}", key.to_ascii_uppercase());
+            if ENV_HANDLED_ELSEWHERE.contains(&var.as_str()) {
+                continue;
+            }
+            // The default itself, written as an operator would: strings without quotes.
+            let text = match value {
+                toml::Value::String(s) => s.clone(),
+                v => v.to_string(),
+            };
+            let c = Config::load(None, &env(&[(&var, &text)]))
+                .unwrap_or_else(|e| panic!("{var}={text}: {e}"));
+            assert_eq!(c, Config::default(), "{var}={text}");
+        }
+        assert!(defaults.contains_key("log_format"));
+    }
+
+    #[test]
+    fn variables_handled_elsewhere_are_left_alone() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("FLEETGATE_API_KEYS", "k1:command,k2:read"),
+                ("FLEETGATE_CONFIG", "/no/such/file.toml"),
+                ("FLEETGATE_DATABASE_URL", "host=/nowhere"),
+                ("FLEETGATE_DATA_DIR", "/nowhere"),
+                ("FLEETGATE_PG_BIN", "/usr/lib/postgresql/15/bin"),
+                // Not ours at all.
+                ("RUST_LOG", "trace"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn an_unknown_variable_or_a_bad_value_is_named() {
+        let e = Config::load(None, &env(&[("FLEETGATE_MAX_CONECTIONS_PER_SHARD", "10")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("FLEETGATE_MAX_CONECTIONS_PER_SHARD"), "{e}");
+        assert!(e.contains("not a configuration option"), "{e}");
+
+        for (var, text, key) in [
+            ("FLEETGATE_DEVICE_PORT", "abc", "device_port"),
+            ("FLEETGATE_DEVICE_PORT", "70000", "device_port"),
+            ("FLEETGATE_DEVICE_HOST", "not-an-address", "device_host"),
+            ("FLEETGATE_DEVICE_POLICY", "closed", "device_policy"),
+            ("FLEETGATE_LOG_FORMAT", "xml", "log_format"),
+            ("FLEETGATE_PIN_CPUS", "yes", "pin_cpus"),
+            ("FLEETGATE_SHARDS", "-1", "shards"),
+            ("FLEETGATE_ROUTES", "[{ url = 1 }]", "routes"),
+        ] {
+            let e = Config::load(None, &env(&[(var, text)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(var) && e.contains(&format!("`{key}`")) && e.contains(text),
+                "{var}={text}: {e}"
+            );
+        }
+        // A value of the right type that `validate` refuses is refused there, by option.
+        let e = Config::load(None, &env(&[("FLEETGATE_MAX_FRAME_LEN", "10")]))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_frame_len"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_file_is_named_with_its_line() {
+        let file = TempFile::new("bad", "shards = 2\ndevice_port = \"x\"\n");
+        let e = Config::load(Some(&file.0), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("device_port") && e.contains("line 2"), "{e}");
+        let e = Config::load(Some(Path::new("/no/such/fleetgate.toml")), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/no/such/fleetgate.toml"), "{e}");
     }
 
     #[test]

@@ -211,8 +211,15 @@ fn set_buffers(stream: &glommio::net::TcpStream, cfg: &Config) {
     }
 }
 
+/// At most one "Accept failed" line per shard this often. The first failure after a quiet
+/// spell is logged at once, so a second episode of running out of descriptors is never silent
+/// (counting in powers of two over the process's life could hide it for hours).
+const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
-    let mut errors_logged = 0u64;
+    // Failed accepts since the last line, and when that line was written.
+    let mut failures = 0u64;
+    let mut logged_at: Option<std::time::Instant> = None;
     loop {
         let accepted = {
             let stop = shard.stopping.clone();
@@ -229,10 +236,12 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                 // Out of descriptors and the like: counted, logged (not once per failed
                 // accept), and a moment for the system before the next try.
                 ShardStats::inc(&shard.stats.accept_errors);
-                if errors_logged.is_power_of_two() || errors_logged == 0 {
-                    tracing::warn!(shard = shard.id, error = %e, failures = errors_logged + 1, "Accept failed.");
+                failures += 1;
+                if logged_at.map_or(true, |t| t.elapsed() >= ACCEPT_ERROR_LOG_EVERY) {
+                    tracing::warn!(shard = shard.id, error = %e, failures, "Accept failed: devices cannot connect meanwhile (out of descriptors? see tuning/kernel-limits.md).");
+                    failures = 0;
+                    logged_at = Some(std::time::Instant::now());
                 }
-                errors_logged += 1;
                 Timer::new(Duration::from_millis(10)).await;
                 continue;
             }

@@ -32,7 +32,8 @@
 //!   stops them in reverse order.
 //! - [`policy`]: which devices may log in, and whose telemetry becomes events (read by
 //!   shards, reloaded by the housekeeper).
-//! - [`config`]: serde configuration, defaults and validation.
+//! - [`config`]: serde configuration, defaults, `FLEETGATE_<KEY>` overrides and validation.
+//! - [`limits`]: the descriptor limit `serve` checks (and raises) at start, main thread.
 //! - [`cli`]: operator tools on the main thread (`fleetgate decode`).
 //! - [`supervise`]: noticing threads that end (any thread). [`time`]: PURE clock text.
 
@@ -43,6 +44,7 @@ pub mod control;
 pub mod db;
 pub mod executor;
 pub mod housekeeper;
+pub mod limits;
 pub mod pg;
 pub mod policy;
 pub mod protocol;

@@ -1,11 +1,13 @@
 //! The `fleetgate` binary: parse the command line, load the configuration, hand over to the
 //! library. Runs on the main thread.
 
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use fleetgate::config::{Config, DevicePolicyKind, DEFAULT_CONFIG_TOML};
+use fleetgate::config::{Config, DevicePolicyKind, LogFormat, DEFAULT_CONFIG_TOML};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -33,7 +35,7 @@ enum Command {
 /// Where the database is; shared by `serve` and `migrate`.
 #[derive(Args, Clone, Default)]
 struct DbArgs {
-    /// Configuration file (TOML); flags override it.
+    /// Configuration file (TOML); FLEETGATE_<KEY> variables override it, flags override both.
     #[arg(long, env = "FLEETGATE_CONFIG")]
     config: Option<PathBuf>,
     /// PostgreSQL connection string; without it a managed PostgreSQL runs in --data-dir.
@@ -90,14 +92,20 @@ struct ServeArgs {
     /// The memory bound: bytes of rows a shard holds awaiting commit.
     #[arg(long)]
     max_bytes_in_flight_per_shard: Option<usize>,
+    /// Log records as text (for people) or json (one object per line).
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
 }
 
-/// Flags override the file: the one place where the two meet.
-fn merge(db: &DbArgs, serve: Option<&ServeArgs>) -> anyhow::Result<Config> {
-    let mut c = match &db.config {
-        Some(path) => Config::from_file(path)?,
-        None => Config::default(),
-    };
+/// Flags over the environment's `FLEETGATE_<KEY>` variables (`env`) over the file over the
+/// defaults: the one place where they meet. (`FLEETGATE_CONFIG`, `FLEETGATE_DATABASE_URL` and
+/// `FLEETGATE_DATA_DIR` reach here as the flags they stand for, beaten by the flags themselves.)
+fn merge(
+    db: &DbArgs,
+    serve: Option<&ServeArgs>,
+    env: &BTreeMap<String, String>,
+) -> anyhow::Result<Config> {
+    let mut c = Config::load(db.config.as_deref(), env)?;
     if let Some(v) = &db.database_url {
         c.database_url = v.clone();
     }
@@ -122,7 +130,8 @@ fn merge(db: &DbArgs, serve: Option<&ServeArgs>) -> anyhow::Result<Config> {
             shutdown_timeout_s,
             write_timeout_s,
             max_frames_in_flight_per_connection,
-            max_bytes_in_flight_per_shard
+            max_bytes_in_flight_per_shard,
+            log_format
         );
     }
     Ok(c.validate()?)
@@ -136,12 +145,12 @@ fn main() -> ExitCode {
             print!("{DEFAULT_CONFIG_TOML}");
             return ExitCode::SUCCESS;
         }
-        Command::Migrate(db) => merge(&db, None).and_then(|c| {
-            init_logging(&c.log);
+        Command::Migrate(db) => load(&db, None).and_then(|c| {
+            init_logging(&c);
             fleetgate::server::migrate_only(&c)
         }),
-        Command::Serve(args) => merge(&args.db, Some(&args)).and_then(|c| {
-            init_logging(&c.log);
+        Command::Serve(args) => load(&args.db, Some(&args)).and_then(|c| {
+            init_logging(&c);
             fleetgate::server::serve(c)
         }),
     };
@@ -154,11 +163,77 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str) {
+/// The configuration from this process's environment and command line.
+fn load(db: &DbArgs, serve: Option<&ServeArgs>) -> anyhow::Result<Config> {
+    merge(db, serve, &fleetgate::config::process_env()?)
+}
+
+/// Logs go to standard error, as text or JSON lines. Colour escape codes only when standard
+/// error is a terminal: in a file, a pipe or the journal they are noise that grep and log
+/// shippers trip on.
+fn init_logging(c: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&c.log));
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match c.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let cli = Cli::try_parse_from(["fleetgate", "serve"].iter().chain(args)).unwrap();
+        match cli.command {
+            Command::Serve(s) => s,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn flags_beat_the_environment_which_beats_the_file() {
+        let path = std::env::temp_dir().join(format!("fg-main-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "shards = 1\nidle_timeout_s = 7\nlogin_timeout_s = 9\nlog_format = \"json\"\n",
+        )
+        .unwrap();
+        let env: BTreeMap<String, String> = [
+            ("FLEETGATE_SHARDS", "2"),
+            ("FLEETGATE_IDLE_TIMEOUT_S", "8"),
+            ("FLEETGATE_LOG_FORMAT", "text"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let s = serve(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--shards",
+            "3",
+            "--log-format",
+            "json",
+        ]);
+        let c = merge(&s.db, Some(&s), &env);
+        let _ = std::fs::remove_file(&path);
+        let c = c.unwrap();
+        assert_eq!(c.shards, 3, "the flag beats the variable and the file");
+        assert_eq!(c.log_format, LogFormat::Json, "the flag beats the variable");
+        assert_eq!(c.idle_timeout_s, 8, "the variable beats the file");
+        assert_eq!(c.login_timeout_s, 9, "the file beats the default");
+        assert_eq!(c.write_timeout_s, 30, "the default");
+    }
+
+    #[test]
+    fn an_unknown_variable_stops_serve_with_its_name() {
+        let env = BTreeMap::from([("FLEETGATE_SHARD".to_string(), "2".to_string())]);
+        let s = serve(&[]);
+        let e = merge(&s.db, Some(&s), &env).unwrap_err().to_string();
+        assert!(e.contains("FLEETGATE_SHARD "), "{e}");
+    }
 }

@@ -130,6 +130,11 @@ pub fn reserve_device_port(host: IpAddr, port: u16) -> anyhow::Result<SocketAddr
 /// Start-up failures (database, port, a shard that cannot bind) and a shard that dies.
 pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let started = Instant::now();
+    // Before anything opens a descriptor: raise the soft limits if the hard ones allow, say so
+    // loudly if the connection cap still cannot be met, and stop here if the shards could not
+    // start their io_uring.
+    crate::limits::check_descriptors(&cfg);
+    crate::limits::check_memlock(&cfg).map_err(|e| anyhow!(e))?;
     let cfg = Arc::new(cfg);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -41,6 +41,18 @@ impl Gateway {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Gateway, String> {
+        Gateway::start_with_command(db_url, port, extra, env, |_| {})
+    }
+
+    /// As [`Gateway::start_with_env`], with `setup` applied to the command before it is
+    /// spawned (a `pre_exec` that sets resource limits, say).
+    pub fn start_with_command(
+        db_url: &str,
+        port: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        setup: impl FnOnce(&mut Command),
+    ) -> Result<Gateway, String> {
         let dir = TempDir::new();
         let api_addr: &[&str] = if extra.contains(&"--api-addr") {
             &[]
@@ -48,7 +60,8 @@ impl Gateway {
             &["--api-addr", "127.0.0.1:0"]
         };
         let log = dir.path().join("gateway.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fleetgate"));
+        command
             .args([
                 "serve",
                 "--database-url",
@@ -66,9 +79,9 @@ impl Gateway {
             .env_remove("FLEETGATE_API_KEYS")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawning fleetgate");
+            .stderr(std::fs::File::create(&log).unwrap());
+        setup(&mut command);
+        let mut child = command.spawn().expect("spawning fleetgate");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
