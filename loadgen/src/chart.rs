@@ -17,6 +17,11 @@ const RATE: RGBColor = RGBColor(31, 119, 180);
 const P50: RGBColor = RGBColor(44, 160, 44);
 const P99: RGBColor = RGBColor(214, 39, 40);
 const MARK: RGBColor = RGBColor(110, 110, 110);
+/// The measured window's band, and its (more visible) legend key.
+const WINDOW: RGBAColor = RGBAColor(255, 190, 0, 0.10);
+const WINDOW_KEY: RGBAColor = RGBAColor(255, 190, 0, 0.35);
+/// Up to this many points, each gets a dot (an isolated second then still shows).
+const MAX_DOTS: usize = 240;
 
 type DrawResult<T> = Result<T, String>;
 
@@ -24,25 +29,26 @@ fn err<E: std::fmt::Debug>(e: E) -> String {
     format!("drawing the chart: {e:?}")
 }
 
-/// The runs of consecutive seconds that have a value, as line segments: a second without
-/// acks leaves a gap instead of a line drawn across it.
+/// The runs of points that have a value, as line segments: a second without acks (no
+/// latency) leaves a gap instead of a line drawn across it. A second missing from the series
+/// (the sampler ran late) is bridged: the next point's rate covers the time since the last.
 fn segments(
     series: &[SeriesPoint],
     f: impl Fn(&SeriesPoint) -> Option<f64>,
 ) -> Vec<Vec<(f64, f64)>> {
     let mut out: Vec<Vec<(f64, f64)>> = Vec::new();
-    let mut last_t: Option<u32> = None;
+    let mut open = false;
     for p in series {
         match f(p) {
             Some(v) => {
                 let x = p.t_s as f64;
                 match out.last_mut() {
-                    Some(seg) if last_t.is_some_and(|t| t + 1 == p.t_s) => seg.push((x, v)),
+                    Some(seg) if open => seg.push((x, v)),
                     _ => out.push(vec![(x, v)]),
                 }
-                last_t = Some(p.t_s);
+                open = true;
             }
-            None => last_t = None,
+            None => open = false,
         }
     }
     out
@@ -80,42 +86,57 @@ fn trim(v: f64) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
-/// The phases of the run on the time axis: (seconds, label).
-fn marks(r: &Report) -> Vec<(f64, &'static str)> {
-    let d = &r.duration;
-    let send_from = d.ramp_s;
-    vec![
-        (send_from, "all connect tokens given"),
-        (send_from + d.warmup_s, "measuring"),
-        (send_from + r.config.duration_s, "sending stops"),
-    ]
+/// The phases of the run on the time axis, in seconds since the start.
+struct Phases {
+    /// Every device had its first connect token: sending is in full swing.
+    ramp_done: f64,
+    /// The measured window (after the warmup, until sending stops).
+    measure_from: f64,
+    send_stop: f64,
 }
 
-/// Draws the phase marks over a panel of x range `0..x_max` and y range `y_lo..y_hi`.
-fn draw_marks<DB: DrawingBackend, Y: Ranged<ValueType = f64>>(
+impl Phases {
+    fn of(r: &Report) -> Phases {
+        let ramp = r.duration.ramp_s;
+        Phases {
+            ramp_done: ramp,
+            measure_from: ramp + r.duration.warmup_s,
+            send_stop: ramp + r.config.duration_s,
+        }
+    }
+}
+
+/// Shades the measured window and marks the end of the connect ramp on a panel whose y range
+/// is `y_lo..y_hi`; `legend`: also name them (in the first panel only).
+fn draw_phases<DB: DrawingBackend, Y: Ranged<ValueType = f64>>(
     chart: &mut ChartContext<'_, DB, Cartesian2d<plotters::coord::types::RangedCoordf64, Y>>,
-    marks: &[(f64, &'static str)],
+    ph: &Phases,
     y_lo: f64,
     y_hi: f64,
-    labels: bool,
+    legend: bool,
 ) -> DrawResult<()> {
-    for &(x, label) in marks {
-        chart
+    let band = chart
+        .draw_series(std::iter::once(Rectangle::new(
+            [(ph.measure_from, y_lo), (ph.send_stop, y_hi)],
+            WINDOW.filled(),
+        )))
+        .map_err(err)?;
+    if legend {
+        band.label("measured window (after warmup)")
+            .legend(|(x, y)| Rectangle::new([(x, y - 6), (x + 24, y + 6)], WINDOW_KEY.filled()));
+    }
+    if ph.ramp_done > 0.0 {
+        let line = chart
             .draw_series(DashedLineSeries::new(
-                [(x, y_lo), (x, y_hi)],
+                [(ph.ramp_done, y_lo), (ph.ramp_done, y_hi)],
                 6,
                 4,
                 MARK.stroke_width(1),
             ))
             .map_err(err)?;
-        if labels {
-            chart
-                .draw_series(std::iter::once(Text::new(
-                    format!(" {label}"),
-                    (x, y_hi),
-                    (FONT, 13).into_font().color(&MARK),
-                )))
-                .map_err(err)?;
+        if legend {
+            line.label("connect ramp done")
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 24, y)], MARK.stroke_width(1)));
         }
     }
     Ok(())
@@ -163,17 +184,16 @@ fn draw(root: &DrawingArea<SVGBackend<'_>, Shift>, r: &Report) -> DrawResult<()>
     let (upper, lower) = panels.split_vertically((HEIGHT - 60) / 2);
 
     let last_t = r.series.last().map_or(0, |p| p.t_s) as f64;
-    let marks = marks(r);
-    let x_max = marks
-        .iter()
-        .map(|m| m.0)
-        .fold(last_t, f64::max)
-        .max(1.0)
-        .ceil()
-        + 1.0;
+    let ph = Phases::of(r);
+    let x_max = last_t.max(ph.send_stop).max(1.0).ceil() + 1.0;
+    let dots = r.series.len() <= MAX_DOTS;
 
     // Records per second.
-    let rate_max = r.series.iter().map(|p| p.records_per_s).fold(0.0, f64::max);
+    let rate_max = r
+        .series
+        .iter()
+        .map(|p| p.records_per_s)
+        .fold(c.rate_records_per_s, f64::max);
     let y_hi = if rate_max > 0.0 { rate_max * 1.18 } else { 1.0 };
     let mut top = ChartBuilder::on(&upper)
         .margin_left(10)
@@ -195,10 +215,15 @@ fn draw(root: &DrawingArea<SVGBackend<'_>, Shift>, r: &Report) -> DrawResult<()>
         .bold_line_style(BLACK.mix(0.12))
         .draw()
         .map_err(err)?;
+    draw_phases(&mut top, &ph, 0.0, y_hi, true)?;
     let mut first = true;
     for seg in segments(&r.series, |p| Some(p.records_per_s)) {
         top.draw_series(AreaSeries::new(seg.clone(), 0.0, RATE.mix(0.15)))
             .map_err(err)?;
+        if dots {
+            top.draw_series(seg.iter().map(|&xy| Circle::new(xy, 2, RATE.filled())))
+                .map_err(err)?;
+        }
         let s = top
             .draw_series(LineSeries::new(seg, RATE.stroke_width(2)))
             .map_err(err)?;
@@ -213,15 +238,14 @@ fn draw(root: &DrawingArea<SVGBackend<'_>, Shift>, r: &Report) -> DrawResult<()>
             [(0.0, c.rate_records_per_s), (x_max, c.rate_records_per_s)],
             10,
             6,
-            RATE.mix(0.6).stroke_width(1),
+            BLACK.mix(0.6).stroke_width(1),
         ))
         .map_err(err)?
         .label("offered")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 24, y)], RATE.mix(0.6)));
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 24, y)], BLACK.mix(0.6)));
     }
-    draw_marks(&mut top, &marks, 0.0, y_hi, true)?;
     top.configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK.mix(0.3))
         .label_font((FONT, 13))
@@ -269,6 +293,7 @@ fn draw(root: &DrawingArea<SVGBackend<'_>, Shift>, r: &Report) -> DrawResult<()>
         .bold_line_style(BLACK.mix(0.12))
         .draw()
         .map_err(err)?;
+    draw_phases(&mut bottom, &ph, lo, hi, false)?;
     for (name, color, f) in [
         (
             "p99",
@@ -279,6 +304,11 @@ fn draw(root: &DrawingArea<SVGBackend<'_>, Shift>, r: &Report) -> DrawResult<()>
     ] {
         let mut first = true;
         for seg in segments(&r.series, |p| f(p).map(|v| v.max(lo))) {
+            if dots {
+                bottom
+                    .draw_series(seg.iter().map(|&xy| Circle::new(xy, 2, color.filled())))
+                    .map_err(err)?;
+            }
             let s = bottom
                 .draw_series(LineSeries::new(seg, color.stroke_width(2)))
                 .map_err(err)?;
@@ -291,7 +321,6 @@ fn draw(root: &DrawingArea<SVGBackend<'_>, Shift>, r: &Report) -> DrawResult<()>
             }
         }
     }
-    draw_marks(&mut bottom, &marks, lo, hi, false)?;
     bottom
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
@@ -343,12 +372,17 @@ mod tests {
     }
 
     #[test]
-    fn gaps_split_the_lines() {
-        let r = report();
+    fn seconds_without_acks_split_the_lines_missing_samples_do_not() {
+        let mut r = report();
         let segs = segments(&r.series, |p| p.p99_ms);
         assert_eq!(segs.len(), 2);
         assert_eq!(segs[0].len(), 11);
         assert_eq!(segs[1].len(), 18);
+        // A sampler that ran late leaves seconds out: the line goes on across them.
+        r.series.retain(|p| !(3..=6).contains(&p.t_s));
+        let segs = segments(&r.series, |p| Some(p.records_per_s));
+        assert_eq!(segs.len(), 1);
+        assert_eq!(segs[0][1..3], [(2.0, 40_200.0), (7.0, 40_700.0)]);
     }
 
     #[test]
@@ -362,8 +396,8 @@ mod tests {
             "records/s acked",
             "p99 of the second",
             "p50 of the second",
-            "measuring",
-            "sending stops",
+            "measured window (after warmup)",
+            "connect ramp done",
             "40,000",
             "1 s",
         ] {

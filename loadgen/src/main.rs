@@ -151,6 +151,9 @@ struct Opts {
     /// Write an SVG chart of records/s and ack-latency p50/p99 per second to this file.
     #[arg(long)]
     chart: Option<PathBuf>,
+    /// Draw --chart from this saved --json report instead of running (nothing is sent).
+    #[arg(long, value_name = "REPORT_JSON", requires = "chart")]
+    replot: Option<PathBuf>,
     /// Show a progress line on stderr every this many seconds (0: never) [default: 1 when
     /// stderr is a terminal, else never].
     #[arg(long)]
@@ -162,9 +165,10 @@ struct Opts {
 
 fn main() -> ExitCode {
     let opts = Opts::parse();
-    let result = match &opts.worker {
-        Some(json) => worker_main(json),
-        None => run(opts),
+    let result = match (&opts.worker, &opts.replot) {
+        (Some(json), _) => worker_main(json),
+        (None, Some(saved)) => replot(saved, opts.chart.as_deref()),
+        (None, None) => run(opts),
     };
     match result {
         Ok(code) => code,
@@ -387,6 +391,18 @@ fn run(o: Opts) -> anyhow::Result<ExitCode> {
         eprintln!("loadgen: the hard cap stopped the run before every device finished");
     }
     Ok(code)
+}
+
+/// `--replot`: the chart of a saved report.
+fn replot(saved: &std::path::Path, chart: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    let text =
+        std::fs::read_to_string(saved).with_context(|| format!("reading {}", saved.display()))?;
+    let report: Report = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a loadgen --json report", saved.display()))?;
+    let path = chart.context("--replot needs --chart FILE")?;
+    let svg = chart::render_svg(&report).map_err(anyhow::Error::msg)?;
+    std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A worker of `--processes`: runs its share and prints its report, histograms included.
