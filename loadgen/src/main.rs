@@ -40,7 +40,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use clap::Parser;
 use fleetgate::protocol::Imei;
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use config::{CodecArg, Config, Mode, Transport, DRAIN};
@@ -463,13 +462,14 @@ fn run_local(cfg: &Config, out: Output, keep_histograms: bool) -> anyhow::Result
                 Transport::Tcp => tokio::spawn(device::run_tcp(p, idx, t0)),
             });
         }
-        let (stop, stopped) = oneshot::channel();
-        let sampler = tokio::spawn(progress::sample_every_second(
-            plan.clone(),
-            t0,
-            out,
-            stopped,
-        ));
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let sampler = {
+            let plan = plan.clone();
+            let t0 = t0.into_std();
+            std::thread::Builder::new()
+                .name("loadgen-sampler".into())
+                .spawn(move || progress::sample_every_second(plan, t0, out, stopped))?
+        };
         // Every device stops by itself at drain_until; the hard cap covers a stuck one.
         let all = async {
             for t in tasks.iter_mut() {
@@ -483,8 +483,8 @@ fn run_local(cfg: &Config, out: Output, keep_histograms: bool) -> anyhow::Result
             }
         }
         let _ = stop.send(());
-        (sampler.await.unwrap_or_default(), hit)
-    });
+        anyhow::Ok((sampler.join().unwrap_or_default(), hit))
+    })?;
     let wall_s = Instant::now().saturating_duration_since(t0).as_secs_f64();
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(Report::from_run(

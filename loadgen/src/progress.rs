@@ -1,14 +1,17 @@
 //! The once-a-second sampler (the time series of the report and the chart) and the live
 //! progress line on stderr. A worker process prints each sample as one JSON line on stderr
 //! instead, for its parent to merge and show.
+//!
+//! The sampler is an OS thread of its own, not a task: it only reads atomics and the
+//! sharded histograms, and on a saturated runtime (thousands of device tasks ready, or a
+//! starved machine) a task would be polled seconds late, leaving holes in the series exactly
+//! when it matters.
 
 use std::io::Write as _;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::Duration;
-
-use tokio::sync::oneshot;
-use tokio::time::{interval_at, Instant, MissedTickBehavior};
+use std::time::{Duration, Instant};
 
 use crate::device::Plan;
 use crate::report::{encode_histogram, SeriesPoint};
@@ -26,32 +29,36 @@ pub enum Output {
     Quiet,
 }
 
-/// Takes a sample every second from `t0` until `stop` fires; returns them.
-pub async fn sample_every_second(
+/// Takes a sample every second from `t0` until `stop` says so (a message, or its sender
+/// dropped); returns them. Run it on a thread of its own.
+pub fn sample_every_second(
     plan: Arc<Plan>,
     t0: Instant,
     mut out: Output,
-    mut stop: oneshot::Receiver<()>,
+    stop: Receiver<()>,
 ) -> Vec<SeriesPoint> {
     let s = &plan.stats;
     let mut series = Vec::new();
-    let mut tick = interval_at(t0 + Duration::from_secs(1), Duration::from_secs(1));
-    // A late tick (a saturated runtime) leaves a gap rather than a burst of tiny intervals.
-    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let (mut last_at, mut last_records, mut last_frames, mut last_errors) = (t0, 0, 0, 0);
+    let mut next = t0 + Duration::from_secs(1);
     loop {
-        let at = tokio::select! {
-            at = tick.tick() => at,
-            _ = &mut stop => break,
-        };
+        match stop.recv_timeout(next.saturating_duration_since(Instant::now())) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+        }
         let now = Instant::now();
+        // A late wake (a starved machine) skips the seconds it missed rather than sampling
+        // them all at once; the rate below covers the whole time since the last sample.
+        let due = latest_due(next, now);
+        next = due + Duration::from_secs(1);
+        let t_s = due.duration_since(t0).as_secs_f64().round() as u32;
         let secs = now.duration_since(last_at).as_secs_f64().max(1e-3);
         let h = s.take_recent();
         let records = Stats::get(&s.records_acked);
         let frames = Stats::get(&s.frames_acked);
         let errors = s.errors_total();
         let mut p = SeriesPoint {
-            t_s: at.duration_since(t0).as_secs() as u32,
+            t_s,
             records: records - last_records,
             frames: frames - last_frames,
             records_per_s: (records - last_records) as f64 / secs,
@@ -83,6 +90,13 @@ pub async fn sample_every_second(
         pl.finish();
     }
     series
+}
+
+/// The last whole-second tick at or before `now`, starting from the tick `next` that woke
+/// the sampler.
+fn latest_due(next: Instant, now: Instant) -> Instant {
+    let late = now.saturating_duration_since(next).as_secs();
+    next + Duration::from_secs(late)
 }
 
 /// The live progress line: rewritten in place on a terminal, one line per update otherwise.
@@ -141,6 +155,30 @@ pub fn format_line(p: &SeriesPoint, devices: u64, errors: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_late_sampler_skips_to_the_last_second_due() {
+        let t0 = Instant::now();
+        let s = |n: f64| t0 + Duration::from_secs_f64(n);
+        assert_eq!(latest_due(s(1.0), s(1.0)), s(1.0));
+        assert_eq!(latest_due(s(1.0), s(1.9)), s(1.0));
+        assert_eq!(
+            latest_due(s(1.0), s(4.2)),
+            s(4.0),
+            "seconds 2 and 3 are skipped"
+        );
+        // Each second is sampled once: the next tick is after the one taken.
+        let mut next = s(1.0);
+        let mut ticks = Vec::new();
+        for now in [1.05, 1.6, 2.0, 5.5, 6.01] {
+            if s(now) >= next {
+                let due = latest_due(next, s(now));
+                ticks.push(due.duration_since(t0).as_secs_f64().round() as u32);
+                next = due + Duration::from_secs(1);
+            }
+        }
+        assert_eq!(ticks, [1, 2, 5, 6]);
+    }
 
     #[test]
     fn the_line_says_what_the_second_did() {
