@@ -72,18 +72,25 @@ fn thousands(v: f64) -> String {
     }
 }
 
-/// A latency label: ms below a second, s above.
+/// A latency label to three significant digits: ms below a second, s above.
 fn latency_label(ms: f64) -> String {
-    if ms >= 1000.0 {
-        format!("{} s", trim(ms / 1000.0))
+    let (v, unit) = if ms >= 1000.0 {
+        (ms / 1000.0, "s")
     } else {
-        format!("{} ms", trim(ms))
-    }
-}
-
-fn trim(v: f64) -> String {
-    let s = format!("{v:.3}");
-    s.trim_end_matches('0').trim_end_matches('.').to_string()
+        (ms, "ms")
+    };
+    let decimals = match v {
+        v if v >= 100.0 => 0,
+        v if v >= 10.0 => 1,
+        _ => 2,
+    };
+    let text = format!("{v:.decimals$}");
+    let text = if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        &text
+    };
+    format!("{text} {unit}")
 }
 
 /// The phases of the run on the time axis, in seconds since the start.
@@ -135,7 +142,7 @@ fn draw_phases<DB: DrawingBackend, Y: Ranged<ValueType = f64>>(
             ))
             .map_err(err)?;
         if legend {
-            line.label("connect ramp done")
+            line.label("connect ramp done (dashed)")
                 .legend(|(x, y)| PathElement::new([(x, y), (x + 24, y)], MARK.stroke_width(1)));
         }
     }
@@ -238,11 +245,11 @@ fn draw(root: &DrawingArea<SVGBackend<'_>, Shift>, r: &Report) -> DrawResult<()>
             [(0.0, c.rate_records_per_s), (x_max, c.rate_records_per_s)],
             10,
             6,
-            BLACK.mix(0.6).stroke_width(1),
+            BLACK.mix(0.75).stroke_width(2),
         ))
         .map_err(err)?
-        .label("offered")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 24, y)], BLACK.mix(0.6)));
+        .label("offered (dashed)")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 24, y)], BLACK.mix(0.75).stroke_width(2)));
     }
     top.configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
@@ -397,7 +404,7 @@ mod tests {
             "p99 of the second",
             "p50 of the second",
             "measured window (after warmup)",
-            "connect ramp done",
+            "connect ramp done (dashed)",
             "40,000",
             "1 s",
         ] {
@@ -414,5 +421,9 @@ mod tests {
         assert_eq!(latency_label(10.0), "10 ms");
         assert_eq!(latency_label(1000.0), "1 s");
         assert_eq!(latency_label(2500.0), "2.5 s");
+        assert_eq!(latency_label(202.879), "203 ms");
+        assert_eq!(latency_label(12.631), "12.6 ms");
+        assert_eq!(latency_label(1545.215), "1.55 s");
+        assert_eq!(latency_label(1.272), "1.27 ms");
     }
 }
