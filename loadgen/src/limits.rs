@@ -57,11 +57,18 @@ pub fn raise_nofile() -> io::Result<NoFile> {
 }
 
 /// What to tell the user about `devices` devices per process under `limit` (after raising),
-/// `before` being the soft limit found at start; `None` when they fit.
+/// `before` being the soft limit found at start; `None` when they fitted from the start.
 pub fn warning(devices: u64, before: u64, limit: NoFile) -> Option<String> {
     let need = devices + OVERHEAD;
-    if need <= limit.soft {
+    if need <= before {
         return None;
+    }
+    if need <= limit.soft {
+        return Some(format!(
+            "WARNING: {devices} devices need about {need} file descriptors, more than this \
+             process's soft limit of {before}: raised it to the hard limit, {}.",
+            limit.soft
+        ));
     }
     let per_process = limit.hard.saturating_sub(OVERHEAD).max(1);
     let processes = devices.div_ceil(per_process);
@@ -89,7 +96,12 @@ mod tests {
             soft: 20_000,
             hard: 20_000,
         };
-        assert_eq!(warning(10_000, 1024, l), None);
+        assert_eq!(warning(10_000, 20_000, l), None);
+        let w = warning(10_000, 1024, l).unwrap();
+        assert!(
+            w.contains("soft limit of 1024: raised it") && !w.contains("--processes"),
+            "{w}"
+        );
         let w = warning(36_000, 20_000, l).unwrap();
         assert!(w.contains("--processes 2"), "{w}");
         assert!(!w.contains("raised"));

@@ -476,12 +476,16 @@ fn run_local(cfg: &Config, out: Output, keep_histograms: bool) -> anyhow::Result
                 let _ = t.await;
             }
         };
-        let hit = tokio::time::timeout_at(hard_stop, all).await.is_err();
-        if hit {
+        let timed_out = tokio::time::timeout_at(hard_stop, all).await.is_err();
+        if timed_out {
             for t in &tasks {
                 t.abort();
             }
         }
+        // Devices stop by themselves at a drain deadline the cap moved forward: the run was
+        // cut all the same if it got there.
+        let cut = send_until + DRAIN > hard_stop && Instant::now() >= hard_stop;
+        let hit = timed_out || cut;
         let _ = stop.send(());
         anyhow::Ok((sampler.join().unwrap_or_default(), hit))
     })?;

@@ -330,3 +330,20 @@ fn a_non_loopback_target_is_refused_before_any_traffic() {
         );
     }
 }
+
+#[test]
+fn the_hard_cap_ends_a_run_whatever_its_duration() {
+    let (addr, _seen) = tcp_gateway();
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["--addr", &addr.to_string(), "--devices", "4", "--json"])
+        .args(["--duration", "600", "--hard-cap", "2"])
+        .output()
+        .expect("loadgen runs");
+    let took = started.elapsed();
+    let v = one_json(&out);
+    assert_eq!(v["duration"]["hard_cap_hit"], true);
+    assert!(n(&v["frames"]["acked"]) > 0);
+    // 2 s of cap, plus start-up and the runtime's 1 s shutdown allowance at most.
+    assert!(took < std::time::Duration::from_secs(8), "took {took:?}");
+}
