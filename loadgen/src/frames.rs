@@ -499,6 +499,107 @@ mod tests {
         assert!(check_shape(Codec::C8, 255, 255).is_ok());
     }
 
+    /// Metres between two positions (equirectangular: fine at a few metres' scale).
+    fn metres(a: (f64, f64), b: (f64, f64)) -> f64 {
+        let lat = ((a.0 + b.0) / 2.0).to_radians();
+        let dy = (b.0 - a.0) * 111_320.0;
+        let dx = (b.1 - a.1) * 111_320.0 * lat.cos();
+        (dx * dx + dy * dy).sqrt()
+    }
+
+    #[test]
+    fn positions_move_along_a_track() {
+        let mut g = FrameGen::new(Codec::C8E, imei(), 1_700_000_000_000, 10, 25, 11);
+        let mut fixes = Vec::new();
+        let mut buf = Vec::new();
+        for _ in 0..30 {
+            buf.clear();
+            g.next_tcp_frame(&mut buf);
+            let (avl, _) = decode_tcp(&buf);
+            for r in avl.records() {
+                fixes.push((r.lat(), r.lon(), r.speed(), r.angle()));
+            }
+        }
+        let mut travelled = 0.0;
+        for w in fixes.windows(2) {
+            let step = metres((w[0].0, w[0].1), (w[1].0, w[1].1));
+            // One nominal second of driving at most 130 km/h (36 m), plus rounding to 1e-7°.
+            assert!(step <= 37.0, "a jump of {step} m");
+            travelled += step;
+            assert!(w[1].2 <= 130, "speed {}", w[1].2);
+            assert!(w[1].3 < 360, "heading {}", w[1].3);
+        }
+        // 300 records at 20-80 km/h initially: well over a kilometre, and no teleporting.
+        assert!(travelled > 1000.0, "travelled only {travelled} m");
+        let (first, last) = (fixes[0], fixes[fixes.len() - 1]);
+        assert!(
+            metres((first.0, first.1), (last.0, last.1)) > 100.0,
+            "it went somewhere"
+        );
+        // Near Vilnius, where the fleet lives.
+        assert!((first.0 - 54.687).abs() < 1.5 && (first.1 - 25.28).abs() < 2.0);
+    }
+
+    /// Counts of IO values by width class: 1, 2, 4, 8 bytes, NX.
+    fn widths(codec: Codec, io: usize) -> [usize; 5] {
+        let mut g = FrameGen::new(codec, imei(), 1_700_000_000_000, 1, io, 1);
+        let mut buf = Vec::new();
+        g.next_tcp_frame(&mut buf);
+        let (avl, _) = decode_tcp(&buf);
+        let r = avl.records().next().unwrap();
+        let mut counts = [0usize; 5];
+        for e in r.io() {
+            counts[match e.value {
+                IoValue::U8(_) => 0,
+                IoValue::U16(_) => 1,
+                IoValue::U32(_) => 2,
+                IoValue::U64(_) => 3,
+                IoValue::Nx(_) => 4,
+            }] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn io_elements_have_the_usual_widths_in_every_codec() {
+        assert_eq!(widths(Codec::C8E, 25), [10, 7, 5, 2, 1]);
+        assert_eq!(widths(Codec::C8, 24), [10, 7, 5, 2, 0]);
+        assert_eq!(widths(Codec::C16, 24), [10, 7, 5, 2, 0]);
+        // Past the catalogue, made-up ids keep mixing the widths.
+        let w = widths(Codec::C16, 100);
+        assert_eq!(w.iter().sum::<usize>(), 100);
+        assert!(w[..4].iter().all(|&k| k >= 10), "{w:?}");
+    }
+
+    #[test]
+    fn io_values_follow_the_vehicle() {
+        let mut g = FrameGen::new(Codec::C8E, imei(), 1_700_000_000_000, 5, 25, 3);
+        let mut buf = Vec::new();
+        let mut odometer = Vec::new();
+        for _ in 0..4 {
+            buf.clear();
+            g.next_tcp_frame(&mut buf);
+            let (avl, _) = decode_tcp(&buf);
+            for r in avl.records() {
+                let io = |id: u16| r.io().find(|e| e.id == id).and_then(|e| e.value.as_u64());
+                assert_eq!(
+                    io(24),
+                    Some(u64::from(r.speed())),
+                    "IO 24 is the GNSS speed"
+                );
+                assert_eq!(io(239), Some(1), "ignition on");
+                let mv = io(66).unwrap();
+                assert!((12_600..14_400).contains(&mv), "external voltage {mv} mV");
+                odometer.push(io(16).unwrap());
+            }
+        }
+        assert!(
+            odometer.windows(2).all(|w| w[1] >= w[0]),
+            "the odometer never runs back"
+        );
+        assert!(odometer[odometer.len() - 1] > odometer[0]);
+    }
+
     #[test]
     fn frames_differ_from_frame_to_frame() {
         let mut g = FrameGen::new(Codec::C8E, imei(), 1_700_000_000_000, 2, 25, 9);
