@@ -31,8 +31,8 @@ pub fn nofile() -> io::Result<NoFile> {
         return Err(io::Error::last_os_error());
     }
     Ok(NoFile {
-        soft: r.rlim_cur as u64,
-        hard: r.rlim_max as u64,
+        soft: r.rlim_cur,
+        hard: r.rlim_max,
     })
 }
 

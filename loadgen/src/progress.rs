@@ -41,11 +41,10 @@ pub fn sample_every_second(
     let mut series = Vec::new();
     let (mut last_at, mut last_records, mut last_frames, mut last_errors) = (t0, 0, 0, 0);
     let mut next = t0 + Duration::from_secs(1);
-    loop {
-        match stop.recv_timeout(next.saturating_duration_since(Instant::now())) {
-            Err(RecvTimeoutError::Timeout) => {}
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
-        }
+    // A message or a dropped sender ends the run; only the deadline means "sample now".
+    while let Err(RecvTimeoutError::Timeout) =
+        stop.recv_timeout(next.saturating_duration_since(Instant::now()))
+    {
         let now = Instant::now();
         // A late wake (a starved machine) skips the seconds it missed rather than sampling
         // them all at once; the rate below covers the whole time since the last sample.
