@@ -7,23 +7,11 @@ it was published, until it reaches the receiver), for N sequential commands.
 
 Starts its own gateway with a managed PostgreSQL in a temp dir, a webhook receiver and one
 device, all on 127.0.0.1; everything is stopped at the end."""
-import argparse, http.client, http.server, json, os, socket, struct, subprocess, sys, tempfile, threading, time, datetime
+import argparse, http.client, http.server, json, os, socket, struct, subprocess, tempfile, threading, time, datetime
+
+from teltonika import codec12, login
 
 KEY = "bench-key-1"
-
-
-def crc16_ibm(data):
-    crc = 0
-    for b in data:
-        crc ^= b
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
-    return crc
-
-
-def c12(kind, payload):
-    data = bytes([0x0C, 1, kind]) + struct.pack(">I", len(payload)) + payload + bytes([1])
-    return b"\0\0\0\0" + struct.pack(">I", len(data)) + data + struct.pack(">I", crc16_ibm(data))
 
 
 def read_exact(s, n):
@@ -83,7 +71,7 @@ def main():
         h, p = dev_addr.rsplit(":", 1)
         dev = socket.create_connection((h, int(p)), timeout=10)
         imei = b"356307042441013"
-        dev.sendall(struct.pack(">H", 15) + imei)
+        dev.sendall(login(imei))
         assert read_exact(dev, 1) == b"\x01"
         ah, ap_ = api_addr.rsplit(":", 1)
         api = http.client.HTTPConnection(ah, int(ap_), timeout=10)
@@ -99,7 +87,7 @@ def main():
             head = read_exact(dev, 8)
             rest = read_exact(dev, struct.unpack(">I", head[4:])[0] + 4)
             rtt.append((time.perf_counter() - t0) * 1000)
-            dev.sendall(c12(0x06, b"ok %d" % n))
+            dev.sendall(codec12(0x06, b"ok %d" % n))
         deadline = time.time() + 30
         while len(arrivals) < a.commands and time.time() < deadline:
             time.sleep(0.05)

@@ -6,23 +6,9 @@ then stay connected and silent; the gateway's RSS is read before and after (from
 
 Only 127.0.0.0/8 targets; every socket is closed at the end. One process holds at most
 `--devices` sockets (mind the descriptor limit: 20,000 per process on these machines)."""
-import argparse, socket, struct, time, ipaddress, selectors, resource, sys
+import argparse, socket, struct, time, ipaddress, resource, sys
 
-
-def crc16_ibm(data: bytes) -> int:
-    crc = 0
-    for b in data:
-        crc ^= b
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
-    return crc
-
-
-def frame(ts_ms: int) -> bytes:
-    gps = struct.pack(">iihHBH", 250000000, 546000000, 100, 90, 9, 30)
-    rec = struct.pack(">QB", ts_ms, 0) + gps + bytes(6)  # event id, total, four empty groups
-    data = bytes([0x08, 1]) + rec + bytes([1])
-    return b"\0\0\0\0" + struct.pack(">I", len(data)) + data + struct.pack(">I", crc16_ibm(data))
+from teltonika import avl8, login
 
 
 def rss_kib(pid: int) -> int:
@@ -49,12 +35,11 @@ def main():
     socks, t0 = [], time.time()
     for i in range(a.devices):
         s = socket.create_connection((host, int(port)), timeout=30)
-        imei = str(a.imei_base + i).encode()
-        s.sendall(struct.pack(">H", 15) + imei)
+        s.sendall(login(str(a.imei_base + i).encode()))
         socks.append(s)
     for s in socks:
         assert s.recv(1) == b"\x01", "login refused"
-        s.sendall(frame(1_700_000_000_000))
+        s.sendall(avl8(1_700_000_000_000))
     for s in socks:
         got = b""
         while len(got) < 4:
