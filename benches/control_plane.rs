@@ -25,7 +25,8 @@
 //!    receiver's clock at arrival.
 //!
 //! One summary line per figure; then the gateway's WARN/ERROR log lines, if any.
-//! `CP_SAMPLES=FILE` also writes each measured command's timings there (one line each).
+//! `CP_SAMPLES=FILE` also writes each measured command's timings there (one line each);
+//! `CP_GATEWAY_BIN=PATH` runs that gateway binary instead of the one cargo built (A/B).
 //!
 //! `cargo bench --bench control_plane -- --receiver 127.0.0.1:PORT --for-s N` runs only the
 //! receiver (answers 200 to every POST, counts them) for N seconds: the telemetry-webhook
@@ -79,7 +80,8 @@ fn main() {
     let rx = Receiver::start();
     let mut gw = Gateway::start(&pg.connection_string(), dir.path(), &rx.url("/hook"));
     println!(
-        "control_plane: gateway pid {} devices on {}, API on {}, receiver on {} ({:.1} s to here)",
+        "control_plane: gateway {} pid {} devices on {}, API on {}, receiver on {} ({:.1} s to here)",
+        gw.bin.display(),
         gw.pid(),
         gw.device_addr,
         gw.api_addr,
@@ -703,6 +705,7 @@ fn receiver_only(addr: &str, for_s: Duration) {
 // The gateway process.
 
 struct Gateway {
+    bin: PathBuf,
     child: Option<Child>,
     device_addr: SocketAddr,
     api_addr: SocketAddr,
@@ -724,7 +727,10 @@ impl Gateway {
         )
         .unwrap();
         let log = gw_dir.join("gateway.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        // CP_GATEWAY_BIN: another build of the gateway (A/B); default the bench profile's.
+        let bin = std::env::var_os("CP_GATEWAY_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_fleetgate").into());
+        let mut child = Command::new(&bin)
             .arg("serve")
             .arg("--config")
             .arg(&config)
@@ -737,7 +743,7 @@ impl Gateway {
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
-            .expect("spawning fleetgate");
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", Path::new(&bin).display()));
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -764,6 +770,7 @@ impl Gateway {
         };
         let device_addr: SocketAddr = dev.parse().expect("device_addr");
         Gateway {
+            bin: bin.into(),
             child: Some(child),
             // It binds 127.0.0.1 as asked; connect there whatever the line says.
             device_addr: SocketAddr::from(([127, 0, 0, 1], device_addr.port())),
