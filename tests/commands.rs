@@ -132,6 +132,50 @@ fn two_gateways_never_have_one_device_s_commands_in_flight_twice() {
 }
 
 #[test]
+fn a_command_for_a_device_connected_here_is_sent_by_the_post_itself() {
+    let pg = TestPg::start();
+    let rt = rt();
+    rt.block_on(async {
+        let (a, mut rx_a) = ledger(&pg, "gw-a");
+        let (b, mut rx_b) = ledger(&pg, "gw-b");
+        let d = imei(4);
+        a.device_online(d, 0).await;
+        // No dispatcher runs here: what reaches the shard was sent by `submit` itself.
+        let first = a.submit(text(d, "getgps")).await.unwrap();
+        assert_eq!(first.state, "sent", "{first:?}");
+        assert_eq!(first.attempts, 1);
+        assert!(first.sent_at.is_some());
+        assert_eq!(sent(&mut rx_a), [(first.id, d, "getgps".to_string())]);
+        // One in flight: the next waits, whoever takes the POST.
+        let second = a.submit(text(d, "getver")).await.unwrap();
+        assert_eq!(second.state, "queued");
+        assert!(sent(&mut rx_a).is_empty());
+
+        // Both gateways believe the device is theirs and take POSTs at once: still one in
+        // flight.
+        let e = imei(5);
+        a.device_online(e, 0).await;
+        b.device_online(e, 0).await;
+        let mut handles = Vec::new();
+        for n in 0..10 {
+            let (a, b) = (a.clone(), b.clone());
+            handles.push(tokio::spawn(async move {
+                a.submit(text(e, &format!("a {n}"))).await.unwrap()
+            }));
+            handles.push(tokio::spawn(async move {
+                b.submit(text(e, &format!("b {n}"))).await.unwrap()
+            }));
+        }
+        let mut in_flight = 0;
+        for h in handles {
+            in_flight += usize::from(h.await.unwrap().state == "sent");
+        }
+        assert_eq!(in_flight, 1);
+        assert_eq!(sent(&mut rx_a).len() + sent(&mut rx_b).len(), 1);
+    });
+}
+
+#[test]
 fn unanswered_commands_are_resent_then_fail_and_a_dead_gateway_s_are_released() {
     let pg = TestPg::start();
     let rt = rt();

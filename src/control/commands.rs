@@ -1,9 +1,11 @@
 //! The command ledger and its dispatcher. Runs on the control thread.
 //!
 //! A command posted to any gateway is a row of `commands` (migration V4), answered at once with
-//! its id; a `NOTIFY fleetgate_commands` tells every gateway sharing the database. The gateway
-//! the device is connected to (it learns which devices are, from its shards) claims the
-//! device's next queued command (highest priority first, expired ones skipped) and hands its
+//! its id. When the device is connected to the gateway that takes the POST, that same
+//! transaction claims the command and the shard writes it once committed (one commit from POST
+//! to frame). Otherwise a `NOTIFY fleetgate_commands` tells every gateway sharing the database:
+//! the gateway the device is connected to (it learns which devices are, from its shards) claims
+//! the device's next queued command (highest priority first, expired ones skipped) and hands its
 //! Codec 12/14 frame to the owning shard, which writes it when the session has no command in
 //! flight. The claim is one transaction under a per-device advisory lock and only succeeds
 //! while the device has no command in state `sent`: one command in flight per device, across
@@ -246,16 +248,34 @@ impl Commands {
         )
         .await
         .map_err(ledger_err("superseding older commands"))?;
-        tx.execute(
-            "SELECT pg_notify($1, $2)",
-            &[&CHANNEL, &c.imei.as_u64().to_string()],
-        )
-        .await
-        .map_err(ledger_err("notifying the gateways"))?;
+        // The device is connected here: claim its next command in this same transaction (one
+        // commit, no notification round trip) and hand it to the shard once committed. Else,
+        // or when it has a command in flight, every gateway is told; the answer to the one in
+        // flight dispatches the next.
+        let claimed = if self.online.lock().unwrap().contains_key(&c.imei) {
+            claim_in(&tx, c.imei, &self.cfg.gateway).await?
+        } else {
+            None
+        };
+        if claimed.is_none() {
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&CHANNEL, &c.imei.as_u64().to_string()],
+            )
+            .await
+            .map_err(ledger_err("notifying the gateways"))?;
+        }
         tx.commit()
             .await
             .map_err(ledger_err("queueing a command"))?;
-        Ok(view(&row))
+        let mut v = view(&row);
+        if let Some(claimed) = claimed {
+            if claimed.get::<_, i64>("id") == id {
+                v = view(&claimed);
+            }
+            self.send(c.imei, &claimed);
+        }
+        Ok(v)
     }
 
     /// One command.
@@ -356,20 +376,7 @@ impl Commands {
             return;
         }
         match self.claim(imei).await {
-            Ok(Some((id, codec, payload))) => {
-                let codec = if codec == 14 { Codec::C14 } else { Codec::C12 };
-                let mut frame = Vec::with_capacity(payload.len() + 32);
-                encode_command_frame(
-                    codec,
-                    TYPE_COMMAND,
-                    (codec == Codec::C14).then_some(imei),
-                    &payload,
-                    &mut frame,
-                );
-                let owner = shard_for(imei, self.inboxes.len());
-                let _ =
-                    self.inboxes[owner].unbounded_send(ShardMsg::SendCommand { id, imei, frame });
-            }
+            Ok(Some(claimed)) => self.send(imei, &claimed),
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(%imei, error = %e, "Command dispatch failed; the poll retries.")
@@ -377,8 +384,29 @@ impl Commands {
         }
     }
 
+    /// Hands a claimed command's Codec 12/14 frame to the shard that owns `imei`.
+    fn send(&self, imei: Imei, claimed: &Row) {
+        let id: i64 = claimed.get("id");
+        let payload: &[u8] = claimed.get("payload");
+        let codec = if claimed.get::<_, i16>("codec") == 14 {
+            Codec::C14
+        } else {
+            Codec::C12
+        };
+        let mut frame = Vec::with_capacity(payload.len() + 32);
+        encode_command_frame(
+            codec,
+            TYPE_COMMAND,
+            (codec == Codec::C14).then_some(imei),
+            &payload,
+            &mut frame,
+        );
+        let owner = shard_for(imei, self.inboxes.len());
+        let _ = self.inboxes[owner].unbounded_send(ShardMsg::SendCommand { id, imei, frame });
+    }
+
     /// Marks `imei`'s next queued command sent by this gateway, if it has none in flight.
-    async fn claim(&self, imei: Imei) -> Result<Option<(i64, i16, Vec<u8>)>, LedgerError> {
+    async fn claim(&self, imei: Imei) -> Result<Option<Row>, LedgerError> {
         let mut client = self
             .pool
             .get()
@@ -388,30 +416,11 @@ impl Commands {
             .transaction()
             .await
             .map_err(ledger_err("claiming a command"))?;
-        let key = imei.as_u64() as i64;
-        // One claimer per device at a time, across gateways.
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&key])
-            .await
-            .map_err(ledger_err("claiming a command"))?;
-        let row = tx
-            .query_opt(
-                "UPDATE commands SET state = 'sent', attempts = attempts + 1, sent_at = now(),
-                        sent_by = $2
-                  WHERE id = (SELECT id FROM commands
-                               WHERE imei = $1 AND state = 'queued'
-                                 AND (expires_at IS NULL OR expires_at > now())
-                                 AND NOT EXISTS (SELECT 1 FROM commands
-                                                  WHERE imei = $1 AND state = 'sent')
-                               ORDER BY priority DESC, id LIMIT 1)
-                  RETURNING id, codec, payload",
-                &[&key, &self.cfg.gateway],
-            )
-            .await
-            .map_err(ledger_err("claiming a command"))?;
+        let claimed = claim_in(&tx, imei, &self.cfg.gateway).await?;
         tx.commit()
             .await
             .map_err(ledger_err("claiming a command"))?;
-        Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+        Ok(claimed)
     }
 
     /// The device answered command `id`.
@@ -572,6 +581,36 @@ impl Commands {
             Err(e) => tracing::warn!(error = %e, "Polling for commands failed."),
         }
     }
+}
+
+/// In `tx`: marks `imei`'s next queued command (highest priority first, unexpired) sent by
+/// `gateway`, unless the device has a command in flight; returns its row (`COLUMNS`). One claimer per device at a time,
+/// across gateways (an advisory lock held until `tx` ends).
+async fn claim_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    imei: Imei,
+    gateway: &str,
+) -> Result<Option<Row>, LedgerError> {
+    let key = imei.as_u64() as i64;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&key])
+        .await
+        .map_err(ledger_err("claiming a command"))?;
+    tx.query_opt(
+        &format!(
+            "UPDATE commands SET state = 'sent', attempts = attempts + 1, sent_at = now(),
+                    sent_by = $2
+              WHERE id = (SELECT id FROM commands
+                           WHERE imei = $1 AND state = 'queued'
+                             AND (expires_at IS NULL OR expires_at > now())
+                             AND NOT EXISTS (SELECT 1 FROM commands
+                                              WHERE imei = $1 AND state = 'sent')
+                           ORDER BY priority DESC, id LIMIT 1)
+              RETURNING {COLUMNS}"
+        ),
+        &[&key, &gateway],
+    )
+    .await
+    .map_err(ledger_err("claiming a command"))
 }
 
 /// How often the ledger's upkeep runs (expiry, stale commands, the dispatch poll).
