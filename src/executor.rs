@@ -19,6 +19,7 @@ use glommio::net::{TcpListener, UdpSocket};
 use glommio::timer::Timer;
 
 use crate::config::Config;
+use crate::log_every::LogEvery;
 use crate::session::CloseReason;
 use crate::shard::{
     spawn_detached, with_timeout, Cancel, ConnGuard, Shard, ShardLinks, ShardMsg, ShardStats,
@@ -217,9 +218,7 @@ fn set_buffers(stream: &glommio::net::TcpStream, cfg: &Config) {
 const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
-    // Failed accepts since the last line, and when that line was written.
-    let mut failures = 0u64;
-    let mut logged_at: Option<std::time::Instant> = None;
+    let accept_failed = LogEvery::new(ACCEPT_ERROR_LOG_EVERY);
     loop {
         let accepted = {
             let stop = shard.stopping.clone();
@@ -236,11 +235,10 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                 // Out of descriptors and the like: counted, logged (not once per failed
                 // accept), and a moment for the system before the next try.
                 ShardStats::inc(&shard.stats.accept_errors);
-                failures += 1;
-                if logged_at.map_or(true, |t| t.elapsed() >= ACCEPT_ERROR_LOG_EVERY) {
+                if let Some(held_back) = accept_failed.ready() {
+                    // `failures`: since the last line, this one included.
+                    let failures = held_back + 1;
                     tracing::warn!(shard = shard.id, error = %e, failures, "Accept failed: devices cannot connect meanwhile (out of descriptors? see tuning/kernel-limits.md).");
-                    failures = 0;
-                    logged_at = Some(std::time::Instant::now());
                 }
                 Timer::new(Duration::from_millis(10)).await;
                 continue;

@@ -34,6 +34,8 @@
 //!   shards, reloaded by the housekeeper).
 //! - [`config`]: serde configuration, defaults, `FLEETGATE_<KEY>` overrides and validation.
 //! - [`limits`]: the descriptor limit `serve` checks (and raises) at start, main thread.
+//! - [`log_every`]: PURE. One log line per period, with the count held back, for conditions
+//!   that can repeat at traffic speed (any thread).
 //! - [`cli`]: operator tools on the main thread (`fleetgate decode`).
 //! - [`supervise`]: noticing threads that end (any thread). [`time`]: PURE clock text.
 
@@ -45,6 +47,7 @@ pub mod db;
 pub mod executor;
 pub mod housekeeper;
 pub mod limits;
+pub mod log_every;
 pub mod pg;
 pub mod policy;
 pub mod protocol;

@@ -117,3 +117,64 @@ fn the_housekeeper_reports_allow_list_changes_and_stops_promptly() {
     );
     assert!(policy.admits(imei(356_900_000_000_002)), "last list kept");
 }
+
+/// The schema stays ready for `telemetry` to be distributed by `imei` on Citus
+/// (tuning/beyond-one-box.md). Citus is not installed here: this checks, on plain PostgreSQL
+/// with every migration and some daily partitions, what `create_distributed_table('telemetry',
+/// 'imei')` would refuse.
+#[test]
+fn the_telemetry_table_stays_ready_to_be_distributed_by_imei() {
+    let pg = TestPg::start();
+    pg.rows("SELECT * FROM fleetgate_maintain_partitions(2, 0)");
+    // The table and every partition of it (daily ones and the default).
+    let family = "(SELECT 'telemetry'::regclass::oid
+                   UNION ALL SELECT inhrelid FROM pg_inherits WHERE inhparent = 'telemetry'::regclass)";
+    assert!(pg.scalar(&format!("SELECT count(*) FROM {family} f(oid)")) >= 4);
+    // Every unique index (the dedup key, a primary key if one is ever added) holds the
+    // distribution column: Citus can enforce uniqueness only within a shard.
+    let unique = |cond: &str| {
+        pg.scalar(&format!(
+            "SELECT count(*) FROM pg_index x
+               JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attname = 'imei'
+              WHERE x.indisunique AND x.indrelid IN {family} AND {cond}"
+        ))
+    };
+    assert_eq!(
+        unique("NOT (a.attnum = ANY (x.indkey::int2[]))"),
+        0,
+        "a unique index without imei"
+    );
+    assert!(
+        unique("true") >= 4,
+        "the dedup key (imei, ts, rec_hash) on each partition"
+    );
+    // No foreign key from or to it (one to a table other than a reference table is refused).
+    assert_eq!(
+        pg.scalar(&format!(
+            "SELECT count(*) FROM pg_constraint
+              WHERE contype = 'f' AND (conrelid IN {family} OR confrelid IN {family})"
+        )),
+        0
+    );
+    // No column default (a sequence would be evaluated on the coordinator per row), no
+    // trigger (refused on distributed tables unless citus.enable_unsafe_triggers).
+    assert_eq!(
+        pg.scalar(&format!(
+            "SELECT count(*) FROM pg_attrdef WHERE adrelid IN {family}"
+        )),
+        0
+    );
+    assert_eq!(
+        pg.scalar(&format!(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid IN {family} AND NOT tgisinternal"
+        )),
+        0
+    );
+    // The distribution column: a NOT NULL bigint.
+    let imei = pg.rows(
+        "SELECT format_type(atttypid, atttypmod), attnotnull FROM pg_attribute
+          WHERE attrelid = 'telemetry'::regclass AND attname = 'imei'",
+    );
+    assert_eq!(imei[0].get::<_, String>(0), "bigint");
+    assert!(imei[0].get::<_, bool>(1));
+}

@@ -261,6 +261,9 @@ fn running_out_of_descriptors_is_warned_counted_logged_and_survived() {
             .contains("Too many open files")),
         "no failed accept logged"
     );
+    // The API's listener runs out too: a connection waits in its backlog, every accept of it
+    // fails (retried every 100 ms) and is counted; logged once, not ten times a second.
+    let api_probe = TcpStream::connect(g.api).unwrap();
     // Held until a shard has failed a hundred times (it retries every 10 ms): logged with the
     // count, not once per failure, nor in a burst of lines.
     let mut busy_shard = String::new();
@@ -305,6 +308,21 @@ fn running_out_of_descriptors_is_warned_counted_logged_and_survived() {
         "accept errors not counted"
     );
     assert!(errors >= 100.0, "{errors} accept errors counted");
+    drop(api_probe);
+    let api_errors = get(g.api, "/metrics")
+        .map(|m| metric_sum(&m, "fleetgate_api_accept_errors_total"))
+        .unwrap_or(0.0);
+    assert!(api_errors >= 2.0, "{api_errors} API accept errors counted");
+    let api_lines = g
+        .log()
+        .lines()
+        .filter(|l| l.contains("Accepting an API connection failed"))
+        .count();
+    assert!(
+        (1..=2).contains(&api_lines),
+        "{api_lines} lines for {api_errors} failed API accepts:\n{}",
+        g.log()
+    );
 
     // And it serves again: a device logs in, sends, is acked.
     let mut dev = None;
@@ -444,6 +462,119 @@ fn normal_traffic_logs_no_line_per_frame_or_session_at_info() {
         "logged at info during normal traffic (60 frames, 20 sessions):\n{}",
         during.join("\n")
     );
+    for i in imeis {
+        assert!(!log.contains(&i.to_string()), "device {i} named in the log");
+    }
+}
+
+/// The lines of `log` from `before` to the shutdown line.
+fn lines_during(log: &str, before: usize) -> Vec<&str> {
+    log.lines()
+        .skip(before)
+        .take_while(|l| !l.contains("shutting down."))
+        .collect()
+}
+
+#[test]
+fn hostile_traffic_logs_no_line_per_connection_datagram_or_request_at_info() {
+    const N: usize = 40;
+    let pg = TestPg::start();
+    // Every login refused (empty allow-list), a connection cap the burst below exceeds, and
+    // an API key so that wrong keys are refused.
+    let mut g = Gateway::start_with_env(
+        &pg.url(),
+        0,
+        &[
+            "--device-policy",
+            "allow_list",
+            "--max-connections-per-shard",
+            "8",
+        ],
+        &[("RUST_LOG", "info"), ("FLEETGATE_API_KEYS", "right:read")],
+    )
+    .unwrap_or_else(|e| panic!("gateway did not start: {e}"));
+    let metrics =
+        |name: &str| get(g.api, "/metrics").map_or(0.0, |m| metric_sum(&m, name)) as usize;
+    let before = g.log().lines().count();
+    let imeis: Vec<u64> = (0..N as u64)
+        .map(|i| 356307042441013 + i * 1_000_000)
+        .collect();
+    // Logins the policy refuses (answered 00), then garbage, then connections that close
+    // before logging in: one at a time, so that none meets the cap.
+    for &i in &imeis {
+        let (_dev, reply) = Device::login(g.addr, imei(i)).expect("login answered");
+        assert_eq!(reply, 0, "{i} was let in");
+    }
+    for _ in 0..N {
+        let mut bad = TcpStream::connect(g.addr).unwrap();
+        std::io::Write::write_all(&mut bad, b"\xff\xffGET / HTTP/1.1\r\n\r\n").unwrap();
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut bad, &mut sink);
+    }
+    for _ in 0..N {
+        drop(TcpStream::connect(g.addr).unwrap());
+    }
+    // Datagrams: garbage, and devices the policy does not admit.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let recs = records(Codec::C8E, 1, 1_700_000_000_000, 1);
+    for (n, &i) in imeis.iter().enumerate() {
+        udp.send_to(b"\x00\x01garbage", g.addr).unwrap();
+        let d = common::gateway::datagram(n as u16, imei(i), Codec::C8E, &recs);
+        udp.send_to(&d, g.addr).unwrap();
+    }
+    // A burst of connections held open past the cap (2 shards x 8).
+    let held: Vec<TcpStream> = (0..N)
+        .filter_map(|_| TcpStream::connect(g.addr).ok())
+        .collect();
+    // API requests with a wrong key.
+    for _ in 0..N {
+        let r = ureq::get(&format!("http://{}/api/v1/stats", g.api))
+            .set("x-api-key", "wrong")
+            .call();
+        assert!(matches!(r, Err(ureq::Error::Status(401, _))), "{r:?}");
+    }
+    // All of it reached the gateway.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            // Refused logins and datagrams of refused devices count as refused logins (as
+            // does the garbage on TCP, a bad login); the bad datagrams as bad frames.
+            metrics("fleetgate_logins_total") >= 2 * N
+                && metrics("fleetgate_bad_frames_total") >= N
+                && metrics("fleetgate_connections_refused_total") >= 1
+                && metrics("fleetgate_api_auth_failures_total") >= N
+        }),
+        "{}",
+        get(g.api, "/metrics").unwrap_or_default()
+    );
+    drop(held);
+    assert!(g
+        .terminate(Duration::from_secs(30))
+        .is_some_and(|s| s.success()));
+    let log = g.log();
+    let during = lines_during(&log, before);
+    // One-time lines, and the rate-limited ones: at most one per shard or per period.
+    let allowed = [
+        ("fleetgate ready", 1),
+        ("Writer connected", 2),
+        ("deliverer started", 1),
+        ("API listening", 1),
+        ("Allow-list changed", 1),
+        ("Connections refused: connection limit reached", 2),
+        ("API request refused", 1),
+    ];
+    for l in &during {
+        assert!(
+            allowed.iter().any(|(a, _)| l.contains(a)),
+            "logged at info under hostile traffic ({N} refused logins, garbage connections, \
+             silent connections, bad datagrams, refused datagrams, a burst past the cap, \
+             wrong API keys):\n{}",
+            during.join("\n")
+        );
+    }
+    for (a, most) in allowed {
+        let n = during.iter().filter(|l| l.contains(a)).count();
+        assert!(n <= most, "{n} lines of {a:?}:\n{}", during.join("\n"));
+    }
     for i in imeis {
         assert!(!log.contains(&i.to_string()), "device {i} named in the log");
     }

@@ -12,6 +12,14 @@
 //! device policy and either refuses it, serves it here, or hands the socket (a duplicate
 //! descriptor, plus any bytes read after the login) to the owning shard. On the owning shard
 //! the session runs until it ends, and its end is recorded with its [`CloseReason`].
+//!
+//! Logging: nothing above debug per frame or per session. A session's start and end, with
+//! its peer and typed reason (including a replacement, a refused login, bad input), are rows
+//! of `device_sessions` and events of the outbox (`devices/{imei}/connected`,
+//! `…/disconnected`, `…/login_refused`), and every kind is counted in the metrics
+//! (`fleetgate_logins_total`, `fleetgate_bad_frames_total`, `fleetgate_sessions_ended_total`,
+//! `fleetgate_connection_timeouts_total`, …). At info they would also be one log line per
+//! session, or per connection of anyone sending garbage to the port.
 
 use std::future::poll_fn;
 use std::future::Future;
@@ -48,13 +56,13 @@ pub async fn accepted(shard: Rc<Shard>, stream: TcpStream, conn: ConnGuard) {
         Ended::Login(imei) => imei,
         Ended::Finished(reason) => {
             count_close(&shard, reason);
-            tracing::info!(shard = shard.id, peer = ?peer, %reason, "Connection closed before login.");
+            tracing::debug!(shard = shard.id, peer = ?peer, %reason, "Connection closed before login.");
             return;
         }
     };
     if !shard.policy.admits(imei) {
         ShardStats::inc(&shard.stats.logins_rejected);
-        tracing::info!(shard = shard.id, %imei, "Login refused by the device policy.");
+        tracing::debug!(shard = shard.id, %imei, "Login refused by the device policy.");
         shard.session_event(
             imei,
             "login_refused",
@@ -131,7 +139,7 @@ async fn logged_in(mut d: Driver, mut rb: ReadBuf, imei: Imei, peer: Option<Sock
     let conn_id = d.conn.ctl.id;
     if let Some(old) = shard.devices.borrow_mut().attach(imei, d.conn.ctl.clone()) {
         ShardStats::inc(&shard.stats.replaced);
-        tracing::info!(shard = shard.id, %imei, "New connection replaces the previous one.");
+        tracing::debug!(shard = shard.id, %imei, "New connection replaces the previous one.");
         old.cancel(Cancel::Abort(CloseReason::Replaced));
     }
     d.session.accept_login(Instant::now());
@@ -180,7 +188,7 @@ fn count_close(shard: &Shard, reason: CloseReason) {
         _ => {}
     }
     if let CloseReason::BadFrame(e) | CloseReason::BadLogin(e) = reason {
-        tracing::info!(shard = shard.id, error = %e, "Bad input; closing the connection.");
+        tracing::debug!(shard = shard.id, error = %e, "Bad input; closing the connection.");
     }
 }
 
@@ -298,7 +306,7 @@ impl Driver {
                 }
                 Input::Command { frame, used } => {
                     ShardStats::inc(&self.shard.stats.commands_received);
-                    tracing::info!(shard = self.shard.id, imei = ?self.session.imei(), codec = ?frame.codec, kind = frame.kind, text = frame.text().unwrap_or(""), "Command frame from device.");
+                    tracing::debug!(shard = self.shard.id, imei = ?self.session.imei(), codec = ?frame.codec, kind = frame.kind, text = frame.text().unwrap_or(""), "Command frame from device.");
                     rb.consume(used);
                 }
                 Input::Avl { seq, avl, used } => {

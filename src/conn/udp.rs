@@ -5,14 +5,21 @@
 //! Datagrams take room in the same byte budget as TCP frames; while the shard waits for room
 //! it reads no datagrams (the kernel's receive buffer holds or drops them, and devices resend
 //! unacked ones), and the wait ends when the shard stops.
+//!
+//! Nothing is logged above debug per datagram: a refused one (bad bytes, a device the policy
+//! does not admit) can come at line rate from anyone who can reach the port, so it is counted
+//! (`fleetgate_bad_frames_total{transport="udp"}`, `fleetgate_logins_total{result="refused"}`)
+//! and logged at debug only.
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use futures::channel::oneshot;
 use futures::future::{select, Either};
 use glommio::net::UdpSocket;
 
+use crate::log_every::LogEvery;
 use crate::protocol::udp::{decode_datagram, encode_ack};
 use crate::shard::copy::{encode_rows, rows_len};
 use crate::shard::{spawn_detached, Shard, ShardStats};
@@ -24,6 +31,7 @@ const MAX_DATAGRAM: usize = 65_536;
 /// Serves datagrams until the shard stops.
 pub async fn serve(shard: Rc<Shard>, sock: Rc<UdpSocket>) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let recv_failed = LogEvery::new(Duration::from_secs(10));
     loop {
         let received = {
             let stop = shard.stopping.clone();
@@ -37,7 +45,9 @@ pub async fn serve(shard: Rc<Shard>, sock: Rc<UdpSocket>) {
         let (n, peer) = match received {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(shard = shard.id, error = %e, "UDP receive failed.");
+                if let Some(held_back) = recv_failed.ready() {
+                    tracing::warn!(shard = shard.id, error = %e, failures = held_back + 1, "UDP receive failed.");
+                }
                 continue;
             }
         };
@@ -46,13 +56,13 @@ pub async fn serve(shard: Rc<Shard>, sock: Rc<UdpSocket>) {
             Ok(d) => d,
             Err(e) => {
                 ShardStats::inc(&shard.stats.udp_errors);
-                tracing::info!(shard = shard.id, %peer, error = %e, "Bad datagram refused.");
+                tracing::debug!(shard = shard.id, %peer, error = %e, "Bad datagram refused.");
                 continue;
             }
         };
         if !shard.policy.admits(d.imei) {
             ShardStats::inc(&shard.stats.logins_rejected);
-            tracing::info!(shard = shard.id, imei = %d.imei, "Datagram refused by the device policy.");
+            tracing::debug!(shard = shard.id, imei = %d.imei, "Datagram refused by the device policy.");
             continue;
         }
         let need = rows_len(&d.avl);

@@ -46,6 +46,8 @@ pub struct ApiCounters {
     pub missing_key: AtomicU64,
     pub wrong_key: AtomicU64,
     pub scope: AtomicU64,
+    /// Failed accepts of API connections (out of descriptors and the like).
+    pub accept_errors: AtomicU64,
 }
 
 impl ApiCounters {
@@ -179,6 +181,7 @@ impl Gauges {
                 auth_missing_key: load(&self.api.missing_key),
                 auth_wrong_key: load(&self.api.wrong_key),
                 auth_scope: load(&self.api.scope),
+                accept_errors: load(&self.api.accept_errors),
             },
         }
     }
@@ -401,6 +404,8 @@ pub struct ApiFigures {
     pub auth_missing_key: u64,
     pub auth_wrong_key: u64,
     pub auth_scope: u64,
+    /// Failed accepts of API connections (out of descriptors and the like).
+    pub accept_errors: u64,
 }
 
 // ===== Prometheus =====
@@ -816,6 +821,14 @@ impl Collector for Exposition {
         )?;
         family(
             e,
+            "fleetgate_api_accept_errors",
+            "Failed accepts of API connections (out of descriptors and the like).",
+            None,
+            Counter,
+            one(st.api.accept_errors),
+        )?;
+        family(
+            e,
             "fleetgate_uptime",
             "Time since the gateway started.",
             Some(&seconds),
@@ -888,6 +901,7 @@ mod tests {
             .store(3, Ordering::Relaxed);
         g.writer.records_committed.store(10, Ordering::Relaxed);
         g.api.denied(Denied::Scope);
+        g.api.accept_errors.fetch_add(2, Ordering::Relaxed);
         let _held = g.shards[0].budget.try_acquire(4096).unwrap();
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &registry(g.clone()))
@@ -898,6 +912,7 @@ mod tests {
             "fleetgate_records_acked_total{shard=\"1\",transport=\"udp\"} 3",
             "fleetgate_writer_records_committed_total 10",
             "fleetgate_api_auth_failures_total{reason=\"scope\"} 1",
+            "fleetgate_api_accept_errors_total 2",
             "# TYPE fleetgate_rows_awaiting_commit_bytes gauge",
             "fleetgate_rows_awaiting_commit_bytes{shard=\"0\"} 4096",
             "fleetgate_shard_accepting{shard=\"0\"} 0",

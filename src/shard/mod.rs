@@ -29,6 +29,7 @@ use glommio::timer::Timer;
 
 use crate::config::Config;
 use crate::control::ControlTx;
+use crate::log_every::LogEvery;
 use crate::policy::{DevicePolicy, TelemetryPolicy};
 use crate::protocol::Imei;
 use crate::session::{CloseReason, SessionConfig};
@@ -47,6 +48,9 @@ pub fn shard_for(imei: Imei, nr_shards: usize) -> usize {
     z ^= z >> 31;
     (z % nr_shards as u64) as usize
 }
+
+/// At most one "connection limit reached" line per shard this often.
+const REFUSED_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Messages into a shard's inbox.
 pub enum ShardMsg {
@@ -243,10 +247,17 @@ impl ConnGuard {
     pub fn register(shard: &Rc<Shard>, fd: RawFd) -> Option<ConnGuard> {
         if shard.conns.borrow().len() >= shard.config.max_connections_per_shard {
             ShardStats::inc(&shard.stats.connections_refused);
-            tracing::warn!(
-                shard = shard.id,
-                "Connection refused: connection limit reached."
-            );
+            // A storm past the cap refuses thousands a second: one line per period, with the
+            // count; every refusal is in `fleetgate_connections_refused_total`.
+            if let Some(held_back) = shard.refused_log.ready() {
+                tracing::warn!(
+                    shard = shard.id,
+                    limit = shard.config.max_connections_per_shard,
+                    refused_since_last_line = held_back + 1,
+                    refused_total = shard.stats.connections_refused.load(Ordering::Relaxed),
+                    "Connections refused: connection limit reached (max_connections_per_shard)."
+                );
+            }
             return None;
         }
         let ctl = Rc::new(ConnCtl::new(shard.next_conn_id(), fd));
@@ -305,6 +316,8 @@ pub struct Shard {
     /// Open TCP connections of this shard: id -> handle.
     pub conns: RefCell<HashMap<u64, Rc<ConnCtl>>>,
     next_conn: Cell<u64>,
+    /// Paces the "connection limit reached" warning.
+    refused_log: LogEvery,
     /// Completes when the shard starts stopping.
     pub stopping: Shared<futures::channel::oneshot::Receiver<()>>,
     /// Tasks to wait for at shutdown.
@@ -346,6 +359,7 @@ impl Shard {
             budget,
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(1),
+            refused_log: LogEvery::new(REFUSED_LOG_EVERY),
             stopping,
             gate: Gate::new(),
         }

@@ -47,6 +47,7 @@ use tokio_postgres::Client;
 use super::classify::{classify_error, ErrorClass};
 use super::events::{insert_sessions, insert_telemetry_events, telemetry_rows, TelemetryEvent};
 use crate::db;
+use crate::log_every::LogEvery;
 use crate::shard::copy::{COLUMNS, COPY_HEADER, COPY_TRAILER};
 use crate::supervise::OnExit;
 
@@ -144,7 +145,7 @@ struct Shared {
     events_held: AtomicUsize,
     max_events: usize,
     /// Paces the "budget exhausted" warning.
-    drop_log: RateLimit,
+    drop_log: LogEvery,
     /// Writer threads still running.
     live: AtomicUsize,
     /// The error that ended a writer thread, for `serve`'s exit message.
@@ -217,47 +218,6 @@ impl WriterTx {
             return false;
         }
         true
-    }
-}
-
-/// Lets one event through per period and counts the ones it holds back.
-struct RateLimit {
-    start: Instant,
-    period: Duration,
-    /// Milliseconds after `start` when the next event may pass.
-    next_ms: AtomicU64,
-    suppressed: AtomicU64,
-}
-
-impl RateLimit {
-    fn new(period: Duration) -> RateLimit {
-        RateLimit {
-            start: Instant::now(),
-            period,
-            next_ms: AtomicU64::new(0),
-            suppressed: AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(n)`: go ahead, `n` were held back since the last one; `None`: hold back.
-    fn ready(&self) -> Option<u64> {
-        let now = self.start.elapsed().as_millis() as u64;
-        let next = self.next_ms.load(Ordering::Acquire);
-        if now >= next
-            && self
-                .next_ms
-                .compare_exchange(
-                    next,
-                    now + self.period.as_millis() as u64,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                )
-                .is_ok()
-        {
-            return Some(self.suppressed.swap(0, Ordering::AcqRel));
-        }
-        self.suppressed.fetch_add(1, Ordering::Relaxed);
-        None
     }
 }
 
@@ -370,7 +330,7 @@ pub fn spawn(
         stats: stats.clone(),
         events_held: AtomicUsize::new(0),
         max_events: cfg.max_session_events_queued,
-        drop_log: RateLimit::new(Duration::from_secs(10)),
+        drop_log: LogEvery::new(Duration::from_secs(10)),
         live: AtomicUsize::new(n),
         fatal: Mutex::new(None),
     });

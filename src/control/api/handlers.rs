@@ -390,7 +390,8 @@ pub async fn post_command(api: &Api, body: &[u8]) -> Reply {
     let imei = cmd.imei;
     match ledger("queueing a command", api.cmds.submit(cmd)).await {
         Ok(v) => {
-            tracing::info!(command = v.id, %imei, "Command queued.");
+            // Per request: the ledger (`commands`) is the record of every command, not the log.
+            tracing::debug!(command = v.id, %imei, "Command queued.");
             json(
                 StatusCode::ACCEPTED,
                 &Accepted {
@@ -452,7 +453,7 @@ pub async fn cancel_command(api: &Api, id: &str) -> Reply {
     };
     match ledger("cancelling a command", api.cmds.cancel(id)).await {
         Ok(Cancelled::Done(v)) => {
-            tracing::info!(command = id, "Command cancelled.");
+            tracing::debug!(command = id, "Command cancelled.");
             json(StatusCode::OK, &v)
         }
         Ok(Cancelled::NotFound) => error(StatusCode::NOT_FOUND, &format!("no command {id}")),

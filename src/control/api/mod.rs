@@ -26,6 +26,7 @@ use utoipa::OpenApi;
 
 use crate::control::commands::Commands;
 use crate::control::metrics::Gauges;
+use crate::log_every::LogEvery;
 use crate::shard::ShardMsg;
 
 use auth::{ApiKeys, Scope};
@@ -38,6 +39,9 @@ const MAX_CONNECTIONS: usize = 256;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// At stop, how long requests in progress may take to finish.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+/// At most one line this often for what can repeat at request speed (refused keys, failed
+/// accepts); the counters in the metrics have every one.
+const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// What the handlers share.
 pub struct Api {
@@ -50,6 +54,8 @@ pub struct Api {
     pub registry: prometheus_client::registry::Registry,
     /// The OpenAPI document, rendered once.
     pub openapi: Bytes,
+    /// Paces the "API request refused" warning (each refusal is counted by reason).
+    refused_log: LogEvery,
 }
 
 impl Api {
@@ -71,6 +77,7 @@ impl Api {
             registry: crate::control::metrics::registry(gauges.clone()),
             gauges,
             openapi: Bytes::from(openapi),
+            refused_log: LogEvery::new(LOG_EVERY),
         }
     }
 }
@@ -282,8 +289,12 @@ async fn dispatch(api: &Api, peer: SocketAddr, req: Request<Incoming>) -> Reply 
     if let Some(needed) = needed {
         if let Err(d) = api.keys.check(req.headers(), needed) {
             api.gauges.api.denied(d);
-            // Never the key itself.
-            tracing::warn!(%peer, method = %req.method(), %path, reason = d.name(), "API request refused.");
+            // Never the key itself. A client guessing keys (or a misconfigured one polling)
+            // would write a line per request: one per period, with the count held back;
+            // `fleetgate_api_auth_failures_total{reason}` counts every one.
+            if let Some(held_back) = api.refused_log.ready() {
+                tracing::warn!(%peer, method = %req.method(), %path, reason = d.name(), refused_since_last_line = held_back + 1, "API request refused.");
+            }
             return match d {
                 auth::Denied::Missing => error(
                     StatusCode::UNAUTHORIZED,
@@ -365,6 +376,7 @@ pub async fn serve(
     use hyper_util::rt::{TokioIo, TokioTimer};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let accept_failed = LogEvery::new(LOG_EVERY);
     loop {
         let slot = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
@@ -375,8 +387,12 @@ pub async fn serve(
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
-                    // Out of descriptors and the like: pause rather than spin.
-                    tracing::warn!(error = %e, "Accepting an API connection failed.");
+                    // Out of descriptors and the like: counted, logged once per period (not
+                    // every 100 ms while it lasts), and a pause rather than a spin.
+                    api.gauges.api.accept_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(held_back) = accept_failed.ready() {
+                        tracing::warn!(error = %e, failures = held_back + 1, "Accepting an API connection failed (out of descriptors? see tuning/kernel-limits.md).");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
