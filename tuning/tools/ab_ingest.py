@@ -4,8 +4,8 @@
 usage: ab.py OUTFILE LABEL:BIN:DBNAME[:CONFIG] ... --runs N [loadgen args after --]
 Each run: TRUNCATE telemetry (+ device_sessions, events when present) in DBNAME, CHECKPOINT,
 wait (bounded) for the box to be quiet, start the gateway, run loadgen, sample RSS and CPU,
-SIGTERM the gateway. Every loop is bounded in time and count.
-"""
+SIGTERM the gateway. Every loop is bounded in time and count. AB_QUIET_LIMIT_S (240): how long
+to wait for a quiet box before a run (it goes ahead, marked NOISY, after that)."""
 import json, os, re, signal, subprocess, sys, time
 
 PSQL = "/usr/lib/postgresql/15/bin/psql"
@@ -32,7 +32,7 @@ def busy_procs():
     return out
 
 
-def wait_quiet(limit=240, need=5):
+def wait_quiet(limit=int(os.environ.get("AB_QUIET_LIMIT_S", "240")), need=5):
     t0 = time.time()
     quiet_since = None
     while time.time() - t0 < limit:
