@@ -313,6 +313,8 @@ fn gateway_phase(
         process_tree_ticks(postmaster),
         machine_ticks(),
     );
+    // Reaped below by wait4 (for its rusage), which clippy does not see.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(loadgen)
         .args(["--addr", &gw.device_addr.to_string(), "--json"])
         .args(["--devices", &p.devices.to_string()])
