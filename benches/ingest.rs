@@ -32,6 +32,12 @@
 //!   `BEGIN; COPY telemetry (...) FROM STDIN (FORMAT binary); COMMIT`. Its figure is rows /
 //!   wall time from the first BEGIN to the last COMMIT.
 //!
+//! `ING_SPLIT_CPUS=1` gives PostgreSQL a core of its own: the postmaster and its processes
+//! are pinned to CPU 0 (backends forked later inherit it), this bench and everything it
+//! starts (gateway, loadgen, the plain COPY threads) to CPU 1 (`taskset`). On a 2-core box
+//! where loadgen, the gateway and PostgreSQL otherwise share both cores, the ratio then says
+//! how well the gateway keeps PostgreSQL busy, rather than how much CPU it takes from it.
+//!
 //! During each phase: CPU of the gateway's threads by kind (`/proc/PID/task/*/stat`: shard-N,
 //! fleetgate-writer-N, control, housekeeper, other) from loadgen's start to its exit, of
 //! PostgreSQL (postmaster and its children), of loadgen (its rusage), and of the machine
@@ -112,6 +118,9 @@ fn main() {
         .ok()
         .and_then(|s| s.lines().next()?.trim().parse::<u32>().ok())
         .expect("postmaster.pid");
+    if env_usize("ING_SPLIT_CPUS", 0) == 1 {
+        split_cpus(postmaster);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -279,6 +288,44 @@ fn print_cpu(ph: &Phase) {
 
 /// loadgen's binary: `ING_LOADGEN_BIN`, else `target/release/loadgen` beside this bench's
 /// own `target/release/deps/`.
+/// PostgreSQL (the postmaster and its processes) on CPU 0; this process, its threads and
+/// whatever it starts from now on, on CPU 1.
+fn split_cpus(postmaster: u32) {
+    let pin = |cpu: &str, pid: u32| {
+        let ok = Command::new("taskset")
+            .args(["-a", "-p", "-c", cpu, &pid.to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok
+    };
+    assert!(pin("0", postmaster), "pinning the postmaster failed");
+    for entry in std::fs::read_dir("/proc").expect("/proc") {
+        let Some(pid) = entry
+            .ok()
+            .and_then(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()
+            });
+        // A process that ended meanwhile cannot be pinned, nor needs to be.
+        if ppid == Some(postmaster) {
+            pin("0", pid);
+        }
+    }
+    assert!(pin("1", std::process::id()), "pinning the bench failed");
+    println!("ingest: PostgreSQL pinned to CPU 0, the bench, gateway and loadgen to CPU 1");
+}
+
 fn loadgen_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("ING_LOADGEN_BIN") {
         return p.into();
