@@ -348,7 +348,7 @@ impl Shard {
             id,
             nr_shards,
             devices: RefCell::new(DeviceTable::new(config.max_connections_per_shard)),
-            pool: BufferPool::new(pool::BUFFER_SIZE, max_buf, 1024),
+            pool: BufferPool::new(pool::BUFFER_SIZE, max_buf),
             config,
             inboxes,
             writer,
