@@ -9,6 +9,9 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use fleetgate::config::{Config, DevicePolicyKind, LogFormat, DEFAULT_CONFIG_TOML};
 
+// mimalloc, unless built with `--features system-alloc` (the C library's malloc, so that
+// heaptrack and other malloc tools see every allocation: tuning/idle-memory.md).
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -401,6 +401,9 @@ impl Session {
                 None => break,
             }
         }
+        if self.pending.is_empty() {
+            self.pending = VecDeque::new(); // an idle session keeps no capacity
+        }
         self.maybe_finish_draining();
     }
 
@@ -410,9 +413,13 @@ impl Session {
         if self.writing_since.is_some() || self.out.is_empty() {
             return false;
         }
-        buf.extend_from_slice(&self.out);
         self.stats.bytes_sent += self.out.len() as u64;
-        self.out.clear();
+        if buf.is_empty() {
+            // Moves the bytes (and their allocation): an idle session keeps no capacity.
+            std::mem::swap(buf, &mut self.out);
+        } else {
+            buf.append(&mut self.out);
+        }
         self.frames_writing = std::mem::take(&mut self.frames_queued);
         self.writing_since = Some(now);
         true

@@ -261,7 +261,7 @@ impl Driver {
                 return Ended::Login(imei);
             }
             if self.out_pos == self.out.len() {
-                self.out.clear();
+                self.out = Vec::new(); // written: an idle connection keeps no capacity
                 self.out_pos = 0;
                 self.session.poll_transmit(Instant::now(), &mut self.out);
             }
