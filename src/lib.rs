@@ -33,6 +33,8 @@
 //! - [`policy`]: which devices may log in, and whose telemetry becomes events (read by
 //!   shards, reloaded by the housekeeper).
 //! - [`config`]: serde configuration, defaults, `FLEETGATE_<KEY>` overrides and validation.
+//! - [`distribution`]: PURE. Percentiles and histogram buckets of values one thread records
+//!   and another reads (the writer's commit times and transaction sizes).
 //! - [`limits`]: the descriptor limit `serve` checks (and raises) at start, main thread.
 //! - [`log_every`]: PURE. One log line per period, with the count held back, for conditions
 //!   that can repeat at traffic speed (any thread).
@@ -44,6 +46,7 @@ pub mod config;
 pub mod conn;
 pub mod control;
 pub mod db;
+pub mod distribution;
 pub mod executor;
 pub mod housekeeper;
 pub mod limits;

@@ -549,6 +549,14 @@ fn stats_and_metrics_count_what_was_acked() {
         s["writer"]["records_committed"].as_u64().unwrap() >= acked,
         "{s}"
     );
+    // Every committed transaction timed and sized (acks come only after commit).
+    let tx = &s["writer"]["transaction_records"];
+    assert!(tx["count"].as_u64().unwrap() >= 1, "{s}");
+    assert!(tx["max"].as_u64().unwrap() <= acked, "{s}");
+    let commit = &s["writer"]["commit_latency_us"];
+    assert_eq!(commit["count"], tx["count"], "{s}");
+    assert!(commit["p99"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["writer"]["queue_depth"].is_u64(), "{s}");
     assert!(s["memory_rss_bytes"].as_u64().unwrap() > 1 << 20, "{s}");
     assert!(s["uptime_s"].as_f64().unwrap() > 0.0, "{s}");
     let per_shard: u64 = s["shards"]
@@ -586,6 +594,19 @@ fn stats_and_metrics_count_what_was_acked() {
         3.0
     );
     assert!(metric_sum(&m, "fleetgate_writer_records_committed_total") >= acked as f64);
+    assert!(
+        m.contains("# TYPE fleetgate_writer_commit_seconds histogram"),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "fleetgate_writer_transaction_records_sum"),
+        metric(&m, "fleetgate_writer_records_committed_total"),
+        "{m}"
+    );
+    assert!(
+        metric(&m, "fleetgate_writer_commit_seconds_count").unwrap() >= 1.0,
+        "{m}"
+    );
     assert_eq!(metric_sum(&m, "fleetgate_shard_accepting"), 2.0);
     assert!(metric_sum(&m, "fleetgate_rows_awaiting_commit_limit_bytes") > 0.0);
     assert!(

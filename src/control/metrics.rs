@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
@@ -22,6 +22,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::control::events::EventStats;
+use crate::distribution::{Distribution, Summary};
 use crate::shard::budget::ByteBudget;
 use crate::shard::ShardStats;
 use crate::sink::writer::WriterStats;
@@ -166,6 +167,9 @@ impl Gauges {
                 session_events_written: load(&w.session_events),
                 session_events_dropped: load(&w.session_events_dropped),
                 session_events_refused: load(&w.session_events_refused),
+                queue_depth: load(&w.queue_depth),
+                transaction_records: w.transaction_records.summary(),
+                commit_latency_us: w.commit_us.summary(),
             },
             events: EventFigures {
                 published: load(&w.events_published) + load(&self.events.published),
@@ -376,8 +380,7 @@ impl Counters {
     }
 }
 
-/// The writer threads together. (Queue depth, batch-size and commit-latency distributions
-/// are not kept by the writer yet.)
+/// The writer threads together.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct WriterFigures {
     /// A writer connection to the database is up.
@@ -396,6 +399,14 @@ pub struct WriterFigures {
     pub session_events_written: u64,
     pub session_events_dropped: u64,
     pub session_events_refused: u64,
+    /// Messages (batches, session events) waiting for a writer thread when one last began a
+    /// transaction.
+    pub queue_depth: u64,
+    /// Records per committed transaction, since start.
+    pub transaction_records: Summary,
+    /// A transaction's first statement to its commit answered (retries included), in
+    /// microseconds, since start.
+    pub commit_latency_us: Summary,
 }
 
 /// Requests the API turned away.
@@ -457,6 +468,43 @@ fn family(
         }
     }
     Ok(())
+}
+
+/// Buckets of `fleetgate_writer_commit_seconds`, in microseconds.
+const COMMIT_BOUNDS_US: [u64; 13] = [
+    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    5_000_000, 10_000_000,
+];
+/// Buckets of `fleetgate_writer_transaction_records`.
+const TRANSACTION_RECORDS_BOUNDS: [u64; 9] =
+    [1, 10, 100, 500, 1_000, 5_000, 10_000, 20_000, 50_000];
+
+/// Writes a distribution as a Prometheus histogram, its values and bounds divided by `per_unit`
+/// (1e6 for microseconds shown as seconds).
+fn histogram(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    d: &Distribution,
+    bounds: &[u64],
+    per_unit: f64,
+) -> Result<(), std::fmt::Error> {
+    let (count, sum, le) = d.cumulative(bounds);
+    // The encoder takes each bucket's own count and accumulates them.
+    let mut below = 0;
+    let mut buckets: Vec<(f64, u64)> = bounds
+        .iter()
+        .zip(le)
+        .map(|(&b, c)| {
+            let own = c.saturating_sub(below);
+            below = below.max(c);
+            (b as f64 / per_unit, own)
+        })
+        .collect();
+    buckets.push((f64::INFINITY, count.saturating_sub(below)));
+    let mut m = enc.encode_descriptor(name, help, unit, MetricType::Histogram)?;
+    m.encode_histogram::<NoLabelSet>(sum as f64 / per_unit, count, &buckets, None)
 }
 
 impl Collector for Exposition {
@@ -689,6 +737,32 @@ impl Collector for Exposition {
         )?;
         family(
             e,
+            "fleetgate_writer_queue_depth",
+            "Batches and session events waiting for a writer thread when one last began a transaction.",
+            None,
+            Gauge,
+            one(st.writer.queue_depth),
+        )?;
+        histogram(
+            e,
+            "fleetgate_writer_commit",
+            "A writer transaction's first statement to its commit answered, retries included.",
+            Some(&seconds),
+            &self.0.writer.commit_us,
+            &COMMIT_BOUNDS_US,
+            1e6,
+        )?;
+        histogram(
+            e,
+            "fleetgate_writer_transaction_records",
+            "Records per committed writer transaction.",
+            None,
+            &self.0.writer.transaction_records,
+            &TRANSACTION_RECORDS_BOUNDS,
+            1.0,
+        )?;
+        family(
+            e,
             "fleetgate_writer_transactions",
             "Transactions run.",
             None,
@@ -902,6 +976,14 @@ mod tests {
         g.writer.records_committed.store(10, Ordering::Relaxed);
         g.api.denied(Denied::Scope);
         g.api.accept_errors.fetch_add(2, Ordering::Relaxed);
+        // Three transactions: 2 ms, 30 ms and 3 s; 100, 100 and 15,000 records.
+        for us in [2_000, 30_000, 3_000_000] {
+            g.writer.commit_us.record(us);
+        }
+        for n in [100, 100, 15_000] {
+            g.writer.transaction_records.record(n);
+        }
+        g.writer.queue_depth.store(5, Ordering::Relaxed);
         let _held = g.shards[0].budget.try_acquire(4096).unwrap();
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &registry(g.clone()))
@@ -916,6 +998,20 @@ mod tests {
             "# TYPE fleetgate_rows_awaiting_commit_bytes gauge",
             "fleetgate_rows_awaiting_commit_bytes{shard=\"0\"} 4096",
             "fleetgate_shard_accepting{shard=\"0\"} 0",
+            "# TYPE fleetgate_writer_commit_seconds histogram",
+            "fleetgate_writer_commit_seconds_count 3",
+            "fleetgate_writer_commit_seconds_bucket{le=\"0.001\"} 0",
+            "fleetgate_writer_commit_seconds_bucket{le=\"0.0025\"} 1",
+            "fleetgate_writer_commit_seconds_bucket{le=\"0.025\"} 1",
+            "fleetgate_writer_commit_seconds_bucket{le=\"0.05\"} 2",
+            "fleetgate_writer_commit_seconds_bucket{le=\"2.5\"} 2",
+            "fleetgate_writer_commit_seconds_bucket{le=\"5\"} 3",
+            "fleetgate_writer_commit_seconds_bucket{le=\"+Inf\"} 3",
+            "fleetgate_writer_transaction_records_bucket{le=\"100\"} 2",
+            "fleetgate_writer_transaction_records_bucket{le=\"10000\"} 2",
+            "fleetgate_writer_transaction_records_bucket{le=\"20000\"} 3",
+            "fleetgate_writer_transaction_records_sum 15200.0",
+            "fleetgate_writer_queue_depth 5",
         ] {
             assert!(out.lines().any(|l| l == line), "no `{line}` in:\n{out}");
         }

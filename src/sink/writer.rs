@@ -47,6 +47,7 @@ use tokio_postgres::Client;
 use super::classify::{classify_error, ErrorClass};
 use super::events::{insert_sessions, insert_telemetry_events, telemetry_rows, TelemetryEvent};
 use crate::db;
+use crate::distribution::Distribution;
 use crate::log_every::LogEvery;
 use crate::shard::copy::{COLUMNS, COPY_HEADER, COPY_TRAILER};
 use crate::supervise::OnExit;
@@ -114,7 +115,7 @@ pub struct WriterConfig {
 }
 
 /// Counters of the writer, readable from any thread.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WriterStats {
     pub batches_committed: AtomicU64,
     pub records_committed: AtomicU64,
@@ -136,6 +137,37 @@ pub struct WriterStats {
     /// Events committed to the outbox by the writer (session events and telemetry events).
     pub events_published: AtomicU64,
     pub connected: AtomicU64,
+    /// Time from a transaction's first statement to its commit answered (retries included),
+    /// in microseconds.
+    pub commit_us: Distribution,
+    /// Records per committed transaction (the shards' batches it gathered).
+    pub transaction_records: Distribution,
+    /// Messages (batches and session events) waiting in the writer's queue when a writer
+    /// thread last began a transaction.
+    pub queue_depth: AtomicU64,
+}
+
+impl Default for WriterStats {
+    fn default() -> WriterStats {
+        WriterStats {
+            batches_committed: AtomicU64::new(0),
+            records_committed: AtomicU64::new(0),
+            transactions: AtomicU64::new(0),
+            dedup_transactions: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            failed_batches: AtomicU64::new(0),
+            failed_at_deadline: AtomicU64::new(0),
+            session_events: AtomicU64::new(0),
+            session_events_dropped: AtomicU64::new(0),
+            session_events_refused: AtomicU64::new(0),
+            events_published: AtomicU64::new(0),
+            connected: AtomicU64::new(0),
+            // Up to 10 minutes; up to a million records.
+            commit_us: Distribution::new(600_000_000),
+            transaction_records: Distribution::new(1_000_000),
+            queue_depth: AtomicU64::new(0),
+        }
+    }
 }
 
 /// State shared by the writer threads and every [`WriterTx`].
@@ -504,8 +536,23 @@ impl Writer {
         if batches.is_empty() {
             return;
         }
+        self.shared
+            .stats
+            .queue_depth
+            .store(self.rx.len() as u64, Ordering::Relaxed);
+        let started = Instant::now();
         let outcomes = self.write_rows(&batches);
         let st = &self.shared.stats;
+        let committed: u64 = batches
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, ok)| **ok)
+            .map(|(b, _)| b.records as u64)
+            .sum();
+        if committed > 0 {
+            st.commit_us.record(started.elapsed().as_micros() as u64);
+            st.transaction_records.record(committed);
+        }
         for (b, ok) in batches.into_iter().zip(outcomes) {
             if ok {
                 st.batches_committed.fetch_add(1, Ordering::Relaxed);
