@@ -49,7 +49,7 @@ use crate::sink::{TelemetryEvent, WriteOutcome, WriterBatch};
 /// A connection just accepted on this shard.
 pub async fn accepted(shard: Rc<Shard>, stream: TcpStream, conn: ConnGuard) {
     let peer = stream.peer_addr().ok();
-    let session = Session::new(shard.session_config(), Instant::now());
+    let session = Session::new(shard.session_config.clone(), Instant::now());
     let mut d = Driver::new(shard.clone(), conn, stream, session);
     let mut rb = ReadBuf::new(shard.pool.clone());
     let imei = match d.run(&mut rb).await {
@@ -128,7 +128,7 @@ pub fn adopt(shard: &Rc<Shard>, fd: OwnedFd, imei: Imei, peer: SocketAddr, pendi
     // SAFETY: `fd` is an owned, open TCP socket descriptor.
     let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
     let rb = ReadBuf::with_bytes(shard.pool.clone(), &pending);
-    let session = Session::handed_over(shard.session_config(), imei, Instant::now());
+    let session = Session::handed_over(shard.session_config.clone(), imei, Instant::now());
     let d = Driver::new(shard.clone(), conn, stream, session);
     crate::shard::spawn_detached(&shard.gate, logged_in(d, rb, imei, Some(peer)));
 }

@@ -311,6 +311,8 @@ pub struct Shard {
     pub stats: Arc<ShardStats>,
     pub devices: RefCell<DeviceTable>,
     pub pool: Rc<BufferPool>,
+    /// The limits of a device session, one copy shared by this shard's sessions.
+    pub session_config: Rc<SessionConfig>,
     /// The bytes of rows this shard may hold awaiting their commit (the memory bound).
     pub budget: ByteBudget,
     /// Open TCP connections of this shard: id -> handle.
@@ -349,6 +351,7 @@ impl Shard {
             nr_shards,
             devices: RefCell::new(DeviceTable::new(config.max_connections_per_shard)),
             pool: BufferPool::new(pool::BUFFER_SIZE, max_buf),
+            session_config: Rc::new(session_config(&config)),
             config,
             inboxes,
             writer,
@@ -372,18 +375,6 @@ impl Shard {
         (id << 10) | self.id as u64
     }
 
-    /// The limits of a device session on this shard.
-    pub fn session_config(&self) -> SessionConfig {
-        let c = &self.config;
-        SessionConfig {
-            max_frame_len: c.max_frame_len,
-            max_frames_in_flight: c.max_frames_in_flight_per_connection,
-            login_timeout: c.login_timeout(),
-            idle_timeout: c.idle_timeout(),
-            write_timeout: c.write_timeout(),
-            command_timeout: c.command_timeout(),
-        }
-    }
 
     /// Counts stored records for `imei` on its owning shard: here, or by message.
     pub fn count_stored(&self, imei: Imei, records: u32) {
@@ -466,6 +457,18 @@ impl Shard {
     /// Whether the shard is stopping.
     pub fn is_stopping(&self) -> bool {
         self.stopping.peek().is_some()
+    }
+}
+
+/// The limits of a device session, from the gateway's config.
+fn session_config(c: &Config) -> SessionConfig {
+    SessionConfig {
+        max_frame_len: c.max_frame_len,
+        max_frames_in_flight: c.max_frames_in_flight_per_connection,
+        login_timeout: c.login_timeout(),
+        idle_timeout: c.idle_timeout(),
+        write_timeout: c.write_timeout(),
+        command_timeout: c.command_timeout(),
     }
 }
 
