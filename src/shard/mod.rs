@@ -375,7 +375,6 @@ impl Shard {
         (id << 10) | self.id as u64
     }
 
-
     /// Counts stored records for `imei` on its owning shard: here, or by message.
     pub fn count_stored(&self, imei: Imei, records: u32) {
         let at_ms = crate::time::unix_now_ms();
