@@ -123,7 +123,7 @@ pub fn adopt(shard: &Rc<Shard>, fd: OwnedFd, imei: Imei, peer: SocketAddr, pendi
     if shard.is_stopping() {
         return;
     }
-    let Some(conn) = ConnGuard::register(shard, fd.as_raw_fd()) else {
+    let Some(conn) = ConnGuard::register(shard) else {
         return; // counted and logged by `register`; `fd` closes here
     };
     // SAFETY: `fd` is an owned, open TCP socket descriptor.
