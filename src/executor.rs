@@ -246,7 +246,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
         };
         ShardStats::inc(&shard.stats.connections_accepted);
         set_buffers(&stream, &shard.config);
-        let Some(conn) = ConnGuard::register(&shard, stream.as_raw_fd()) else {
+        let Some(conn) = ConnGuard::register(&shard) else {
             continue; // over the cap: counted and logged; `stream` closes here
         };
         spawn_detached(

@@ -21,6 +21,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::protocol::command::{TYPE_REFUSED, TYPE_RESPONSE};
@@ -185,7 +186,8 @@ pub struct SessionStats {
 /// One device connection's protocol state. See the module doc.
 #[derive(Debug)]
 pub struct Session {
-    cfg: SessionConfig,
+    /// Shared by the sessions of a shard (one copy, not 80 bytes per connection).
+    cfg: Rc<SessionConfig>,
     state: State,
     started: Instant,
     last_input: Instant,
@@ -207,9 +209,9 @@ pub struct Session {
 
 impl Session {
     /// A connection just accepted: it must log in within the login timeout.
-    pub fn new(cfg: SessionConfig, now: Instant) -> Session {
+    pub fn new(cfg: impl Into<Rc<SessionConfig>>, now: Instant) -> Session {
         Session {
-            cfg,
+            cfg: cfg.into(),
             state: State::AwaitLogin,
             started: now,
             last_input: now,
@@ -227,7 +229,7 @@ impl Session {
 
     /// A connection whose login another shard read and checked: the owning shard accepts it
     /// with [`Session::accept_login`].
-    pub fn handed_over(cfg: SessionConfig, imei: Imei, now: Instant) -> Session {
+    pub fn handed_over(cfg: impl Into<Rc<SessionConfig>>, imei: Imei, now: Instant) -> Session {
         let mut s = Session::new(cfg, now);
         s.state = State::LoginReceived(imei);
         s

@@ -193,7 +193,7 @@ mod tests {
     use super::*;
 
     fn ctl(id: u64) -> Rc<ConnCtl> {
-        Rc::new(ConnCtl::new(id, -1))
+        Rc::new(ConnCtl::new(id))
     }
 
     fn imei(n: u64) -> Imei {

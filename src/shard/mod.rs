@@ -15,7 +15,7 @@ pub mod pool;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -150,14 +150,12 @@ pub enum Signal {
 /// policy change, shutdown) whatever it awaits, or hands it a command; and what the session
 /// shows of itself (its [`LiveInfo`]). The connection's task polls [`ConnCtl::poll_signal`]
 /// alongside everything else it waits for.
-#[derive(Debug)]
 pub struct ConnCtl {
     pub id: u64,
-    pub fd: RawFd,
     pub live: LiveInfo,
     cancel: Cell<Option<Cancel>>,
     commands: RefCell<VecDeque<(i64, Vec<u8>)>>,
-    waker: RefCell<Option<Waker>>,
+    waker: Cell<Option<Waker>>,
 }
 
 /// A live session as the API shows it, kept current by the connection's task (plain cells:
@@ -188,15 +186,23 @@ pub struct Fix {
     pub speed: u16,
 }
 
+impl std::fmt::Debug for ConnCtl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnCtl")
+            .field("id", &self.id)
+            .field("live", &self.live)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ConnCtl {
-    fn new(id: u64, fd: RawFd) -> ConnCtl {
+    fn new(id: u64) -> ConnCtl {
         ConnCtl {
             id,
-            fd,
             live: LiveInfo::default(),
             cancel: Cell::new(None),
             commands: RefCell::new(VecDeque::new()),
-            waker: RefCell::new(None),
+            waker: Cell::new(None),
         }
     }
 
@@ -217,7 +223,7 @@ impl ConnCtl {
     }
 
     fn wake(&self) {
-        if let Some(w) = self.waker.borrow_mut().take() {
+        if let Some(w) = self.waker.take() {
             w.wake();
         }
     }
@@ -230,7 +236,7 @@ impl ConnCtl {
         if let Some((id, frame)) = self.commands.borrow_mut().pop_front() {
             return Poll::Ready(Signal::Command { id, frame });
         }
-        *self.waker.borrow_mut() = Some(cx.waker().clone());
+        self.waker.set(Some(cx.waker().clone()));
         Poll::Pending
     }
 }
@@ -244,7 +250,7 @@ pub struct ConnGuard {
 impl ConnGuard {
     /// Registers a connection, unless the shard is at its connection cap (`None`: refused and
     /// counted).
-    pub fn register(shard: &Rc<Shard>, fd: RawFd) -> Option<ConnGuard> {
+    pub fn register(shard: &Rc<Shard>) -> Option<ConnGuard> {
         if shard.conns.borrow().len() >= shard.config.max_connections_per_shard {
             ShardStats::inc(&shard.stats.connections_refused);
             // A storm past the cap refuses thousands a second: one line per period, with the
@@ -260,7 +266,7 @@ impl ConnGuard {
             }
             return None;
         }
-        let ctl = Rc::new(ConnCtl::new(shard.next_conn_id(), fd));
+        let ctl = Rc::new(ConnCtl::new(shard.next_conn_id()));
         shard.conns.borrow_mut().insert(ctl.id, ctl.clone());
         shard.stats.connections_open.fetch_add(1, Ordering::Relaxed);
         Some(ConnGuard {
@@ -311,6 +317,8 @@ pub struct Shard {
     pub stats: Arc<ShardStats>,
     pub devices: RefCell<DeviceTable>,
     pub pool: Rc<BufferPool>,
+    /// The limits of a device session, one copy shared by this shard's sessions.
+    pub session_config: Rc<SessionConfig>,
     /// The bytes of rows this shard may hold awaiting their commit (the memory bound).
     pub budget: ByteBudget,
     /// Open TCP connections of this shard: id -> handle.
@@ -349,6 +357,7 @@ impl Shard {
             nr_shards,
             devices: RefCell::new(DeviceTable::new(config.max_connections_per_shard)),
             pool: BufferPool::new(pool::BUFFER_SIZE, max_buf),
+            session_config: Rc::new(session_config(&config)),
             config,
             inboxes,
             writer,
@@ -370,19 +379,6 @@ impl Shard {
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);
         (id << 10) | self.id as u64
-    }
-
-    /// The limits of a device session on this shard.
-    pub fn session_config(&self) -> SessionConfig {
-        let c = &self.config;
-        SessionConfig {
-            max_frame_len: c.max_frame_len,
-            max_frames_in_flight: c.max_frames_in_flight_per_connection,
-            login_timeout: c.login_timeout(),
-            idle_timeout: c.idle_timeout(),
-            write_timeout: c.write_timeout(),
-            command_timeout: c.command_timeout(),
-        }
     }
 
     /// Counts stored records for `imei` on its owning shard: here, or by message.
@@ -469,6 +465,18 @@ impl Shard {
     }
 }
 
+/// The limits of a device session, from the gateway's config.
+fn session_config(c: &Config) -> SessionConfig {
+    SessionConfig {
+        max_frame_len: c.max_frame_len,
+        max_frames_in_flight: c.max_frames_in_flight_per_connection,
+        login_timeout: c.login_timeout(),
+        idle_timeout: c.idle_timeout(),
+        write_timeout: c.write_timeout(),
+        command_timeout: c.command_timeout(),
+    }
+}
+
 /// Runs `fut` for at most `dur`; `None` when time ran out.
 pub async fn with_timeout<T>(
     dur: Duration,
@@ -534,9 +542,17 @@ mod tests {
         );
     }
 
+    /// One `ConnCtl` per open connection, in an `Rc` (16 bytes of counts): at most 256 bytes
+    /// in all, mimalloc's 256-byte size class (272 took the 320-byte class).
+    #[test]
+    fn a_conn_ctl_fits_in_256_bytes_with_its_rc() {
+        let size = std::mem::size_of::<ConnCtl>();
+        assert!(size + 16 <= 256, "ConnCtl is {size} bytes");
+    }
+
     #[test]
     fn an_abort_outranks_a_graceful_close_and_comes_before_commands() {
-        let ctl = ConnCtl::new(1, -1);
+        let ctl = ConnCtl::new(1);
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         assert!(ctl.poll_signal(&mut cx).is_pending());
