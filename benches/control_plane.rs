@@ -26,18 +26,15 @@
 //!
 //! One summary line per figure; then the gateway's WARN/ERROR log lines, if any.
 //! `CP_SAMPLES=FILE` also writes each measured command's timings there (one line each);
-//! `CP_GATEWAY_BIN=PATH` runs that gateway binary instead of the one cargo built (A/B).
+//! `BENCH_GATEWAY_BIN=PATH` runs that gateway binary instead of the one cargo built (A/B).
 //!
 //! `cargo bench --bench control_plane -- --receiver 127.0.0.1:PORT --for-s N` runs only the
 //! receiver (answers 200 to every POST, counts them) for N seconds: the telemetry-webhook
 //! A/B with loadgen in tuning/control-plane.md uses it.
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -48,6 +45,9 @@ use fleetgate::protocol::imei::encode_login;
 use fleetgate::protocol::tcp::encode_command_frame;
 use fleetgate::protocol::{decode_frame, Codec, Frame, Imei, Status};
 use hdrhistogram::Histogram;
+
+mod common;
+use common::{env_usize, Gateway, TempDir};
 
 const API_KEY: &str = "cp-bench-key-5a1f";
 const SECRET: &str = "cp-bench-secret";
@@ -73,12 +73,22 @@ fn main() {
     let devices = env_usize("CP_DEVICES", 500);
     let started = Instant::now();
 
-    let dir = TempDir::new();
+    let dir = TempDir::new("fgcp");
     println!("control_plane: PostgreSQL in {}", dir.path().display());
     let mut pg = ManagedPostgres::start(&dir.path().join("pg"), &PgOptions::default())
         .unwrap_or_else(|e| panic!("starting PostgreSQL: {e}"));
     let rx = Receiver::start();
-    let mut gw = Gateway::start(&pg.connection_string(), dir.path(), &rx.url("/hook"));
+    let hook = rx.url("/hook");
+    let mut gw = Gateway::start(
+        &pg.connection_string(),
+        &dir.path().join("gw"),
+        &format!(
+            "telemetry_events = \"none\"\napi_keys = [\"{API_KEY}:command\"]\n\n[[routes]]\n\
+             name = \"bench\"\n\
+             topics = [\"devices/+/connected\", \"devices/+/disconnected\", \"commands/#\"]\n\
+             url = \"{hook}\"\nsecret = \"{SECRET}\"\n"
+        ),
+    );
     println!(
         "control_plane: gateway {} pid {} devices on {}, API on {}, receiver on {} ({:.1} s to here)",
         gw.bin.display(),
@@ -91,7 +101,7 @@ fn main() {
 
     let rt = command_round_trips(&gw, &rx, commands);
     let sess = session_events(&gw, &rx, devices);
-    let rss = gw.rss_kib();
+    let rss = gw.peak_rss_kib();
 
     println!();
     rt.rtt.print(
@@ -122,11 +132,7 @@ fn main() {
     );
 
     gw.terminate();
-    let odd: Vec<String> = strip_ansi(&gw.log())
-        .lines()
-        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
-        .map(str::to_string)
-        .collect();
+    let odd = gw.odd_log_lines();
     if odd.is_empty() {
         println!("gateway log: no WARN or ERROR lines");
     } else {
@@ -142,32 +148,6 @@ fn main() {
     if let Err(e) = pg.stop() {
         eprintln!("stopping PostgreSQL: {e}");
     }
-}
-
-/// The text without its ANSI colour sequences (`ESC [ ... m`): the gateway colours its log
-/// even into a file.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn unix_ms_f(t: SystemTime) -> f64 {
@@ -702,151 +682,3 @@ fn receiver_only(addr: &str, for_s: Duration) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The gateway process.
-
-struct Gateway {
-    bin: PathBuf,
-    child: Option<Child>,
-    device_addr: SocketAddr,
-    api_addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Gateway {
-    fn start(db_url: &str, dir: &Path, hook_url: &str) -> Gateway {
-        let gw_dir = dir.join("gw");
-        std::fs::create_dir_all(&gw_dir).unwrap();
-        let config = gw_dir.join("fleetgate.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "telemetry_events = \"none\"\n\n[[routes]]\nname = \"bench\"\n\
-                 topics = [\"devices/+/connected\", \"devices/+/disconnected\", \"commands/#\"]\n\
-                 url = \"{hook_url}\"\nsecret = \"{SECRET}\"\n"
-            ),
-        )
-        .unwrap();
-        let log = gw_dir.join("gateway.log");
-        // CP_GATEWAY_BIN: another build of the gateway (A/B); default the bench profile's.
-        let bin = std::env::var_os("CP_GATEWAY_BIN")
-            .unwrap_or_else(|| env!("CARGO_BIN_EXE_fleetgate").into());
-        let mut child = Command::new(&bin)
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .args(["--database-url", db_url])
-            .args(["--device-host", "127.0.0.1", "--device-port", "0"])
-            .args(["--shards", "2", "--api-addr", "127.0.0.1:0", "--data-dir"])
-            .arg(&gw_dir)
-            .env("FLEETGATE_API_KEYS", format!("{API_KEY}:command"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {}: {e}", Path::new(&bin).display()));
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("ready ") {
-                    let f: HashMap<&str, &str> = rest
-                        .split(' ')
-                        .filter_map(|kv| kv.split_once('='))
-                        .collect();
-                    let _ = tx.send((
-                        f.get("device_addr").unwrap_or(&"").to_string(),
-                        f.get("api_addr").unwrap_or(&"").to_string(),
-                    ));
-                }
-            }
-        });
-        let Ok((dev, api)) = rx.recv_timeout(Duration::from_secs(60)) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "the gateway did not become ready; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        };
-        let device_addr: SocketAddr = dev.parse().expect("device_addr");
-        Gateway {
-            bin: bin.into(),
-            child: Some(child),
-            // It binds 127.0.0.1 as asked; connect there whatever the line says.
-            device_addr: SocketAddr::from(([127, 0, 0, 1], device_addr.port())),
-            api_addr: api.parse().expect("api_addr"),
-            log,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
-    fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// SIGTERM, then SIGKILL if it has not exited within 20 s.
-    fn terminate(&mut self) {
-        let Some(mut c) = self.child.take() else {
-            return;
-        };
-        // SAFETY: signalling our own child by its pid.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = c.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("the gateway did not stop within 20 s of SIGTERM; killing it");
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// A directory under `std::env::temp_dir()` (`TMPDIR`), removed on drop. Short names: the
-/// cluster's unix socket lives in it.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let p = std::env::temp_dir().join(format!("fgcp{}-{:x}", std::process::id(), nanos));
-        std::fs::create_dir(&p).unwrap_or_else(|e| panic!("creating {}: {e}", p.display()));
-        TempDir(p)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}

@@ -1,4 +1,4 @@
-//! What the end-to-end benches (`ingest`, `handover`) share: a temp dir, the gateway process,
+//! What the end-to-end benches (`ingest`, `handover`, `control_plane`) share: a temp dir, the gateway process,
 //! CPU readings from /proc, a bounded wait for a quiet machine. Every wait here is bounded.
 
 #![allow(dead_code)]

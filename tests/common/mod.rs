@@ -97,11 +97,7 @@ impl TestPg {
     /// Runs `sql` on a fresh connection (from a test thread, not inside a runtime); panics
     /// with the statement on error.
     pub fn rows(&self, sql: &str) -> Vec<tokio_postgres::Row> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        block_on(async {
             self.client()
                 .await
                 .query(sql, &[])
@@ -120,11 +116,7 @@ impl TestPg {
 
     /// Runs statements for their effect.
     pub fn execute(&self, sql: &str) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        block_on(async {
             self.client()
                 .await
                 .batch_execute(sql)
@@ -132,6 +124,15 @@ impl TestPg {
                 .unwrap_or_else(|e| panic!("{sql}: {e}"))
         })
     }
+}
+
+/// Runs `f` to completion on a runtime of its own (from a test thread, not inside one).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
 }
 
 impl Drop for TestPg {
