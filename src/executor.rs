@@ -63,9 +63,11 @@ pub async fn run(
     };
     let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
     let shard = Rc::new(Shard::new(links, stop_rx.shared()));
-    let _ = ready.send(Ok(()));
+    // Accepting and said so before `serve` hears it: "fleetgate ready." and `/readyz` come after
+    // every shard's line and flag, never before.
     shard.stats.accepting.store(true, Ordering::Relaxed);
     tracing::info!(shard = shard_id, addr = %device_addr, "Shard listening.");
+    let _ = ready.send(Ok(()));
 
     let accept = glommio::spawn_local(accept_loop(shard.clone(), listener));
     let udp = glommio::spawn_local(crate::conn::udp::serve(shard.clone(), Rc::new(udp)));
