@@ -207,56 +207,64 @@ impl Commands {
             .get()
             .await
             .map_err(pool_err("queueing a command"))?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(ledger_err("queueing a command"))?;
         let text = match &c.payload {
             Payload::Text(t) => Some(t.as_str()),
             Payload::Bytes(_) => None,
         };
         let ttl = c.ttl_s.map(|s| s as f64);
-        let row = tx
-            .query_one(
-                &format!(
-                    "INSERT INTO commands (imei, codec, command, payload, metadata, priority, expires_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7))
-                     RETURNING {COLUMNS}"
-                ),
-                &[
-                    &(c.imei.as_u64() as i64),
-                    &(c.codec.id() as i16),
-                    &text,
-                    &c.payload.bytes(),
-                    &c.metadata,
-                    &c.priority,
-                    &ttl,
-                ],
-            )
+        let key = c.imei.as_u64() as i64;
+        let codec = c.codec.id() as i16;
+        let insert = client
+            .prepare_cached(&format!(
+                "WITH new AS (
+                   INSERT INTO commands (imei, codec, command, payload, metadata, priority, expires_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7))
+                   RETURNING {COLUMNS}
+                 ), superseded AS (
+                   UPDATE commands SET state = 'superseded', finished_at = now(),
+                                       superseded_by = (SELECT id FROM new)
+                    WHERE imei = $1 AND state = 'queued' AND codec = $2 AND payload = $4
+                 )
+                 SELECT * FROM new"
+            ))
             .await
             .map_err(ledger_err("queueing a command"))?;
-        let id: i64 = row.get("id");
-        tx.execute(
-            "UPDATE commands SET state = 'superseded', finished_at = now(), superseded_by = $1
-              WHERE imei = $2 AND state = 'queued' AND codec = $3 AND payload = $4 AND id <> $1",
-            &[
-                &id,
-                &(c.imei.as_u64() as i64),
-                &(c.codec.id() as i16),
-                &c.payload.bytes(),
-            ],
-        )
-        .await
-        .map_err(ledger_err("superseding older commands"))?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(ledger_err("queueing a command"))?;
+        // Stored, and identical queued ones superseded, in one statement (the statement's
+        // snapshot cannot see the new row, so it is never its own superseder).
+        let payload = c.payload.bytes();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+            &key,
+            &codec,
+            &text,
+            &payload,
+            &c.metadata,
+            &c.priority,
+            &ttl,
+        ];
+        let stored = tx.query_one(&insert, &params);
         // The device is connected here: claim its next command in this same transaction (one
-        // commit, no notification round trip) and hand it to the shard once committed. Else,
-        // or when it has a command in flight, every gateway is told; the answer to the one in
-        // flight dispatches the next.
-        let claimed = if self.online.lock().unwrap().contains_key(&c.imei) {
-            claim_in(&tx, c.imei, &self.cfg.gateway).await?
+        // commit, no notification round trip) and hand it to the shard once committed. The
+        // claim is pipelined behind the insert (sent without waiting; the server runs them in
+        // order, the claim seeing the new row). Else, or when it has a command in flight,
+        // every gateway is told; the answer to the one in flight dispatches the next.
+        let (row, claimed) = if self.online.lock().unwrap().contains_key(&c.imei) {
+            let claim = Claim::prepare(&tx).await?;
+            let (row, claimed) = futures::try_join!(
+                async { stored.await.map_err(ledger_err("queueing a command")) },
+                claim.run(&tx, c.imei, &self.cfg.gateway),
+            )?;
+            (row, claimed)
         } else {
-            None
+            (
+                stored.await.map_err(ledger_err("queueing a command"))?,
+                None,
+            )
         };
+        let id: i64 = row.get("id");
         if claimed.is_none() {
             tx.execute(
                 "SELECT pg_notify($1, $2)",
@@ -416,7 +424,10 @@ impl Commands {
             .transaction()
             .await
             .map_err(ledger_err("claiming a command"))?;
-        let claimed = claim_in(&tx, imei, &self.cfg.gateway).await?;
+        let claimed = Claim::prepare(&tx)
+            .await?
+            .run(&tx, imei, &self.cfg.gateway)
+            .await?;
         tx.commit()
             .await
             .map_err(ledger_err("claiming a command"))?;
@@ -586,31 +597,53 @@ impl Commands {
 /// In `tx`: marks `imei`'s next queued command (highest priority first, unexpired) sent by
 /// `gateway`, unless the device has a command in flight; returns its row (`COLUMNS`). One claimer per device at a time,
 /// across gateways (an advisory lock held until `tx` ends).
-async fn claim_in(
-    tx: &tokio_postgres::Transaction<'_>,
-    imei: Imei,
-    gateway: &str,
-) -> Result<Option<Row>, LedgerError> {
-    let key = imei.as_u64() as i64;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&key])
-        .await
-        .map_err(ledger_err("claiming a command"))?;
-    tx.query_opt(
-        &format!(
+/// The two statements of a claim, prepared once per connection (deadpool's statement cache).
+struct Claim {
+    lock: tokio_postgres::Statement,
+    next: tokio_postgres::Statement,
+}
+
+impl Claim {
+    async fn prepare(tx: &deadpool_postgres::Transaction<'_>) -> Result<Claim, LedgerError> {
+        let next = format!(
             "UPDATE commands SET state = 'sent', attempts = attempts + 1, sent_at = now(),
-                    sent_by = $2
-              WHERE id = (SELECT id FROM commands
-                           WHERE imei = $1 AND state = 'queued'
-                             AND (expires_at IS NULL OR expires_at > now())
-                             AND NOT EXISTS (SELECT 1 FROM commands
-                                              WHERE imei = $1 AND state = 'sent')
-                           ORDER BY priority DESC, id LIMIT 1)
-              RETURNING {COLUMNS}"
-        ),
-        &[&key, &gateway],
-    )
-    .await
-    .map_err(ledger_err("claiming a command"))
+                        sent_by = $2
+                  WHERE id = (SELECT id FROM commands
+                               WHERE imei = $1 AND state = 'queued'
+                                 AND (expires_at IS NULL OR expires_at > now())
+                                 AND NOT EXISTS (SELECT 1 FROM commands
+                                                  WHERE imei = $1 AND state = 'sent')
+                               ORDER BY priority DESC, id LIMIT 1)
+                  RETURNING {COLUMNS}"
+        );
+        let (lock, next) = futures::try_join!(
+            tx.prepare_cached("SELECT pg_advisory_xact_lock($1)"),
+            tx.prepare_cached(&next),
+        )
+        .map_err(ledger_err("claiming a command"))?;
+        Ok(Claim { lock, next })
+    }
+
+    /// Marks `imei`'s next queued command sent by `gateway` within `tx`, if it has none in
+    /// flight. The device's advisory lock (held to the end of `tx`) serializes claims across
+    /// gateways; the claim is pipelined behind it, one round trip for both, and still takes its
+    /// snapshot only once the lock is held (a statement's snapshot is taken when it starts).
+    async fn run(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        imei: Imei,
+        gateway: &str,
+    ) -> Result<Option<Row>, LedgerError> {
+        let key = imei.as_u64() as i64;
+        type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+        let (lock, next): ([Param; 1], [Param; 2]) = ([&key], [&key, &gateway]);
+        let (_, claimed) = futures::try_join!(
+            tx.execute(&self.lock, &lock),
+            tx.query_opt(&self.next, &next),
+        )
+        .map_err(ledger_err("claiming a command"))?;
+        Ok(claimed)
+    }
 }
 
 /// How often the ledger's upkeep runs (expiry, stale commands, the dispatch poll).
