@@ -33,6 +33,18 @@ pub struct ShardSpec {
     pub inbox: UnboundedReceiver<ShardMsg>,
 }
 
+/// Submission-queue depth of each shard's io_uring rings (glommio's default is 128).
+///
+/// Not for throughput: the kernel sizes a ring's cancellation hash table from its completion
+/// queue (`ilog2(cq_entries) - 5` bits, at most 8), and every armed socket poll sits in it. An
+/// idle connection keeps a poll armed, and glommio cancels its preemption timer on every reactor
+/// turn; each cancel walks one bucket. At 128 the table has 8 buckets: with 9,500 connections
+/// per shard a cancel walked ~1,200 entries, and the shards spent half their CPU there at fleet
+/// scale (tuning/fleet-scale.md, "CPU per record"). 4,096 gives the most buckets the kernel
+/// makes (256); the rings cost ~0.4 MiB more each, charged to the memory cgroup, not to
+/// RLIMIT_MEMLOCK.
+pub const RING_DEPTH: usize = 4096;
+
 /// How long connections get, after the shutdown deadline aborted them, to be gone.
 const ABORT_GRACE: Duration = Duration::from_secs(1);
 
@@ -255,5 +267,24 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
             &shard.gate,
             crate::conn::tcp::accepted(shard.clone(), stream, conn),
         );
+    }
+}
+
+#[cfg(test)]
+mod ring_tests {
+    use super::RING_DEPTH;
+
+    /// The kernel's cancellation hash (io_uring/io_uring.c, `io_ring_ctx_alloc`): completion
+    /// queue twice the submission queue, `ilog2(cq_entries) - 5` bits, clamped to 1..=8.
+    fn cancel_buckets(sq_depth: usize) -> usize {
+        let cq = 2 * sq_depth;
+        let bits = (cq.ilog2() as i64 - 5).clamp(1, 8);
+        1 << bits
+    }
+
+    #[test]
+    fn the_rings_get_the_most_cancellation_buckets_the_kernel_gives() {
+        assert_eq!(cancel_buckets(128), 8, "glommio's default");
+        assert_eq!(cancel_buckets(RING_DEPTH), 256);
     }
 }

@@ -234,6 +234,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             Placement::Unbound
         };
         let handle = LocalExecutorBuilder::new(placement)
+            .ring_depth(crate::executor::RING_DEPTH)
             .name(&format!("shard-{shard_id}"))
             .spawn(move || async move {
                 // Sent however the thread ends, a panic included: a dead shard is never silent.
