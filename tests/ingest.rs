@@ -159,8 +159,13 @@ fn devices_of_every_codec_over_tcp_and_udp_store_exactly_what_was_acked() {
         24 * 40 + 9
     );
     // Every TCP session recorded its connect and its disconnect.
+    // Session rows are written by whichever writer thread takes them, so a device's connect
+    // row can be committed after its disconnect row: wait for each.
     assert!(wait_until(LONG, || pg.scalar(
         "SELECT count(*) FROM device_sessions WHERE event = 'disconnect'"
+    ) >= 24));
+    assert!(wait_until(LONG, || pg.scalar(
+        "SELECT count(*) FROM device_sessions WHERE event = 'connect'"
     ) >= 24));
     assert_eq!(
         pg.scalar("SELECT count(*) FROM device_sessions WHERE event = 'connect'"),
