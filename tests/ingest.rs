@@ -14,8 +14,6 @@ use fleetgate::protocol::Codec;
 
 const LONG: Duration = Duration::from_secs(60);
 
-/// Runs one query on a fresh connection and returns the first column of the first row.
-
 /// `devices` trackers from IMEI `imei_base` on, each delivering `frames_each` frames of ten
 /// Codec 8E records with up to four in flight, reconnecting and resending until all are acked.
 /// Each thread returns how many frames it resent.
