@@ -186,8 +186,9 @@ fn set_udp_receive_buffer(sock: &socket2::Socket, bytes: usize) {
 
 /// This shard's TCP listener and UDP socket on the device address, both SO_REUSEPORT (one of
 /// each per shard; the kernel spreads connections and datagrams over them) and SO_REUSEADDR
-/// (so a restarted gateway can bind while its predecessor's closed connections linger, and so
-/// `serve`'s plain probe bind conflicts only with a live listener).
+/// (so a restarted gateway can bind while its predecessor's closed connections linger, so
+/// `serve`'s plain probe bind conflicts only with a live listener, and so that they bind
+/// beside the sockets `serve` holds a port-0 pick with, [`crate::server::DevicePort`]).
 fn bind_device_sockets(
     addr: SocketAddr,
     cfg: &Config,

@@ -106,10 +106,24 @@ pub fn migrate_only(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The device address `serve` will bind its shards to; for port 0, with the sockets that keep
+/// the port it picked until the shards have bound it.
+pub struct DevicePort {
+    pub addr: SocketAddr,
+    /// A TCP socket (bound, not listening: it takes no connection) and a UDP socket on the
+    /// port, both SO_REUSEADDR and SO_REUSEPORT so that the shards' sockets bind beside them.
+    /// Dropped once the shards are up, before anyone is told the port.
+    _hold: Option<(socket2::Socket, socket2::Socket)>,
+}
+
 /// Picks the device port and refuses one that is already served: SO_REUSEPORT would
 /// otherwise let a second gateway bind it and split the traffic silently. A plain bind (no
 /// SO_REUSEPORT) fails while any listener holds the port.
-pub fn reserve_device_port(host: IpAddr, port: u16) -> anyhow::Result<SocketAddr> {
+///
+/// Port 0 (any) is held, not probed: a port picked and let go could be taken by another
+/// socket before the shards bind it, and the UDP port of the TCP port picked may be in use;
+/// then another port is picked.
+pub fn reserve_device_port(host: IpAddr, port: u16) -> anyhow::Result<DevicePort> {
     let in_use = |proto: &str, e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             anyhow!("device port {port}/{proto} on {host} is already in use (another gateway?); stop it or pass another --device-port")
@@ -117,11 +131,48 @@ pub fn reserve_device_port(host: IpAddr, port: u16) -> anyhow::Result<SocketAddr
             anyhow!("cannot bind device port {port}/{proto} on {host}: {e}")
         }
     };
+    if port == 0 {
+        return hold_any_port(host);
+    }
     let tcp = std::net::TcpListener::bind((host, port)).map_err(|e| in_use("tcp", e))?;
     let addr = tcp.local_addr()?;
     let udp = std::net::UdpSocket::bind(addr).map_err(|e| in_use("udp", e))?;
     drop((tcp, udp));
-    Ok(addr)
+    Ok(DevicePort { addr, _hold: None })
+}
+
+/// A port free for both TCP and UDP on `host`, held (see [`DevicePort`]).
+fn hold_any_port(host: IpAddr) -> anyhow::Result<DevicePort> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let any = SocketAddr::new(host, 0);
+    let domain = Domain::for_address(any);
+    let cannot = |e: std::io::Error| anyhow!("cannot bind a device port on {host}: {e}");
+    for _ in 0..32 {
+        let tcp = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).map_err(cannot)?;
+        tcp.set_reuse_address(true).map_err(cannot)?;
+        tcp.set_reuse_port(true).map_err(cannot)?;
+        tcp.bind(&any.into()).map_err(cannot)?;
+        let addr = tcp
+            .local_addr()
+            .map_err(cannot)?
+            .as_socket()
+            .ok_or_else(|| anyhow!("cannot bind a device port on {host}: no address"))?;
+        let udp = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP)).map_err(cannot)?;
+        udp.set_reuse_address(true).map_err(cannot)?;
+        udp.set_reuse_port(true).map_err(cannot)?;
+        match udp.bind(&addr.into()) {
+            Ok(()) => {
+                return Ok(DevicePort {
+                    addr,
+                    _hold: Some((tcp, udp)),
+                })
+            }
+            // Its UDP twin is taken: another port.
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(e) => return Err(cannot(e)),
+        }
+    }
+    bail!("cannot find a port free for both TCP and UDP on {host}")
 }
 
 /// `fleetgate serve`.
@@ -157,7 +208,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     if stop_requested(&mut signals, &rt, "applying the migrations") {
         return Ok(());
     }
-    let device_addr = reserve_device_port(cfg.device_host, cfg.device_port)?;
+    let device_port = reserve_device_port(cfg.device_host, cfg.device_port)?;
+    let device_addr = device_port.addr;
 
     let nr_shards = cfg.shards;
     let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel::<Exit>();
@@ -265,6 +317,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             }
         }
     }
+    // Every shard has bound the port (or failed to): it needs holding no longer.
+    drop(device_port);
 
     // The control thread, once the shards' inboxes are served.
     let control = match start_error {

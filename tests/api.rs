@@ -471,8 +471,10 @@ fn devices_page_in_imei_order_and_show_their_live_session() {
     assert_eq!(before["records_received"], 0);
     let recs = records(Codec::C8E, 3, 1_700_000_000_000, 1);
     assert_eq!(dev.send_frame(&frame(Codec::C8E, &recs)).unwrap(), 3);
+    // The ack's bytes are shown once the shard has seen its write end, which can be after
+    // the device read them.
     let after = api.poll(&path, Duration::from_secs(10), |a| {
-        a.json()["records_received"] == 3
+        a.json()["records_received"] == 3 && a.json()["bytes_sent"].as_u64() >= Some(4)
     });
     let after = after.json();
     assert_eq!(after["frames_received"], 1);
@@ -904,12 +906,18 @@ fn webhooks_tell_the_backend_what_happened_signed_and_across_a_restart() {
     assert_eq!(data["response"], "DOUT1:1", "{ev}");
     assert_eq!(data["metadata"], json!({"ticket": "T-17"}), "{ev}");
     assert_eq!(data["state"], "completed", "{ev}");
-    let metrics = api.get("/metrics", Key::None).body;
-    let delivered = metric(
-        &metrics,
-        "fleetgate_webhook_attempts_total{outcome=\"delivered\"}",
+    // Counted once the receiver's answer is back, which is after it recorded the request.
+    let mut metrics = String::new();
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            metrics = api.get("/metrics", Key::None).body;
+            metric(
+                &metrics,
+                "fleetgate_webhook_attempts_total{outcome=\"delivered\"}",
+            ) >= Some(2.0)
+        }),
+        "{metrics}"
     );
-    assert!(delivered >= Some(2.0), "{metrics}");
     assert!(metric_sum(&metrics, "fleetgate_events_published_total") >= 1.0);
 
     // The receiver goes down; the device disconnects; the gateway restarts; the receiver

@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use common::gateway::{frame, imei, records, wait_until};
-use common::receiver::{Received, Receiver};
+use common::receiver::{Received, Receiver, ReservedPort};
 use common::TestPg;
 use fleetgate::config::RouteConfig;
 use fleetgate::control::events::topic::FILTER_CASES;
@@ -327,6 +327,12 @@ fn events_are_delivered_signed_exact_and_in_order() {
             "order of device {imei}"
         );
     }
+    // Counted once the answer is back, which is after the receiver recorded the request.
+    assert!(wait_until(LONG, || d
+        .stats
+        .delivered
+        .load(Ordering::Relaxed)
+        >= ids.len() as u64));
     assert_eq!(d.stats.delivered.load(Ordering::Relaxed), ids.len() as u64);
     assert_eq!(d.stats.failed_attempts.load(Ordering::Relaxed), 0);
     assert!(wait_until(LONG, || db.all_routes_caught_up(1)));
@@ -340,12 +346,9 @@ fn events_are_delivered_signed_exact_and_in_order() {
 fn a_receiver_down_then_up_gets_everything_in_order() {
     let pg = TestPg::start();
     let db = Db::new(&pg);
-    // A port nobody listens on (for now).
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let url = format!("http://127.0.0.1:{port}/down");
+    // A port nobody listens on (for now), held so that nothing else takes it meanwhile.
+    let port = ReservedPort::new();
+    let url = port.url("/down");
     let mut cfg = deliverer(&pg, &[route("r", &["devices/#"], url)], "gw-1");
     cfg.window = 8;
     let d = Running::start(cfg);
@@ -359,7 +362,7 @@ fn a_receiver_down_then_up_gets_everything_in_order() {
     assert!(d.stats.window_events.load(Ordering::Relaxed) <= 8);
 
     // Up, but failing.
-    let rx = Receiver::start_on(port, 500);
+    let rx = port.start(500);
     assert!(wait_until(LONG, || rx.received().len() >= 6));
     assert!(rx.delivered().is_empty());
     ids.extend(publish_round(&db, 10, 5));
@@ -391,6 +394,9 @@ fn a_receiver_down_then_up_gets_everything_in_order() {
     }
     let st = &d.stats;
     assert!(st.retried.load(Ordering::Relaxed) >= 6);
+    // Counted once the answer is back, which is after the receiver recorded the request.
+    assert!(wait_until(LONG, || st.delivered.load(Ordering::Relaxed)
+        >= ids.len() as u64));
     assert_eq!(st.delivered.load(Ordering::Relaxed), ids.len() as u64);
     assert!(wait_until(LONG, || st.lag_ms.load(Ordering::Relaxed) == 0
         && st.window_events.load(Ordering::Relaxed) == 0));
@@ -451,6 +457,11 @@ fn nothing_is_lost_across_a_restart_of_the_deliverer() {
         );
     }
     assert!(before_restart >= 30);
+    // Counted once the answer is back, which is after the receiver recorded the request.
+    assert!(wait_until(
+        LONG,
+        || second.stats.delivered.load(Ordering::Relaxed) as usize >= ids.len() - before_restart
+    ));
     assert_eq!(
         second.stats.delivered.load(Ordering::Relaxed) as usize,
         ids.len() - before_restart
@@ -661,13 +672,11 @@ fn delivered_events_are_pruned_and_owed_ones_kept() {
     let pg = TestPg::start();
     let db = Db::new(&pg);
     let up = Receiver::start(200);
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    // Held so that nothing else takes the port before the receiver starts on it.
+    let port = ReservedPort::new();
     let routes = [
         route("up", &["#"], up.url("/up")),
-        route("down", &["#"], format!("http://127.0.0.1:{port}/down")),
+        route("down", &["#"], port.url("/down")),
     ];
     let mut cfg = deliverer(&pg, &routes, "gw-1");
     cfg.prune_every = Duration::from_millis(100);
@@ -683,11 +692,14 @@ fn delivered_events_are_pruned_and_owed_ones_kept() {
     assert_eq!(db.scalar("SELECT count(*) FROM events"), ids.len() as i64);
     assert_eq!(d.stats.pruned.load(Ordering::Relaxed), 0);
 
-    let down = Receiver::start_on(port, 200);
+    let down = port.start(200);
     assert!(wait_until(LONG, || down.delivered().len() >= ids.len()));
     assert!(wait_until(LONG, || db
         .scalar("SELECT count(*) FROM events")
         == 0));
+    // Counted once the deliverer has the DELETE's answer, which is after it committed.
+    assert!(wait_until(LONG, || d.stats.pruned.load(Ordering::Relaxed)
+        >= ids.len() as u64));
     assert_eq!(d.stats.pruned.load(Ordering::Relaxed), ids.len() as u64);
 }
 
@@ -742,7 +754,9 @@ fn the_writer_puts_session_and_telemetry_events_in_the_outbox() {
             database_url: pg.url(),
             connections: 1,
             batch_max_records: 20_000,
-            batch_max_delay: Duration::from_millis(300),
+            // Everything below is sent at once and must land in one gathering window (one
+            // transaction): a window a loaded machine cannot overrun between two sends.
+            batch_max_delay: Duration::from_secs(2),
             max_session_events_queued: 1024,
         },
         || {},
@@ -750,18 +764,20 @@ fn the_writer_puts_session_and_telemetry_events_in_the_outbox() {
     .unwrap();
     let tx = w.sender();
     let (a, b) = (356_800_000_000_001u64, 356_800_000_000_002u64);
-    assert!(tx.send_event(session(a, "connect", None)));
-    assert!(tx.send_event(session(b, "login_refused", Some("device not allowed"))));
 
     // Device a: two frames (3 then 2 records), device b: one frame without a summary (its
-    // device does not want telemetry events).
+    // device does not want telemetry events). Made before anything is sent.
     let first = records(Codec::C8E, 3, 1_700_000_000_000, 1);
     let second = records(Codec::C8E, 2, 1_700_000_100_000, 2);
-    let mut answers = Vec::new();
-    for (id, recs, summary) in [(a, &first, true), (a, &second, true), (b, &first, false)] {
-        let (batch, rx) = avl_batch(id, recs, summary);
+    let (batches, answers): (Vec<_>, Vec<_>) =
+        [(a, &first, true), (a, &second, true), (b, &first, false)]
+            .into_iter()
+            .map(|(id, recs, summary)| avl_batch(id, recs, summary))
+            .unzip();
+    assert!(tx.send_event(session(a, "connect", None)));
+    assert!(tx.send_event(session(b, "login_refused", Some("device not allowed"))));
+    for batch in batches {
         tx.send_rows(batch).map_err(|_| ()).unwrap();
-        answers.push(rx);
     }
     for mut rx in answers {
         assert!(wait_until(LONG, || matches!(

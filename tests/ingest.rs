@@ -14,8 +14,6 @@ use fleetgate::protocol::Codec;
 
 const LONG: Duration = Duration::from_secs(60);
 
-/// Runs one query on a fresh connection and returns the first column of the first row.
-
 /// `devices` trackers from IMEI `imei_base` on, each delivering `frames_each` frames of ten
 /// Codec 8E records with up to four in flight, reconnecting and resending until all are acked.
 /// Each thread returns how many frames it resent.
@@ -159,8 +157,13 @@ fn devices_of_every_codec_over_tcp_and_udp_store_exactly_what_was_acked() {
         24 * 40 + 9
     );
     // Every TCP session recorded its connect and its disconnect.
+    // Session rows are written by whichever writer thread takes them, so a device's connect
+    // row can be committed after its disconnect row: wait for each.
     assert!(wait_until(LONG, || pg.scalar(
         "SELECT count(*) FROM device_sessions WHERE event = 'disconnect'"
+    ) >= 24));
+    assert!(wait_until(LONG, || pg.scalar(
+        "SELECT count(*) FROM device_sessions WHERE event = 'connect'"
     ) >= 24));
     assert_eq!(
         pg.scalar("SELECT count(*) FROM device_sessions WHERE event = 'connect'"),

@@ -353,17 +353,30 @@ pub fn deliver_all(
     resent
 }
 
-/// Sends a datagram until its ack comes back; returns the ack.
+/// Sends a datagram until its ack comes back; returns the ack. An answer with another packet
+/// id is passed over, as a device does: every copy of a resent datagram is acked, so the
+/// second ack of an earlier datagram on `sock` can arrive now.
 pub fn udp_deliver(sock: &UdpSocket, addr: SocketAddr, dgram: &[u8], limit: Duration) -> Vec<u8> {
-    sock.set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
     let deadline = Instant::now() + limit;
     loop {
         assert!(Instant::now() < deadline, "datagram never acked");
         sock.send_to(dgram, addr).unwrap();
-        let mut b = [0u8; 64];
-        if let Ok((n, _)) = sock.recv_from(&mut b) {
-            return b[..n].to_vec();
+        // Wait 500 ms for its ack, then send it again.
+        let resend_at = Instant::now() + Duration::from_millis(500);
+        loop {
+            let left = resend_at.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            sock.set_read_timeout(Some(left)).unwrap();
+            let mut b = [0u8; 64];
+            let Ok((n, _)) = sock.recv_from(&mut b) else {
+                break;
+            };
+            // Both start with a 2-byte length and the 2-byte packet id.
+            if n >= 4 && b[2..4] == dgram[2..4] {
+                return b[..n].to_vec();
+            }
         }
     }
 }

@@ -58,13 +58,13 @@ pub struct Receiver {
 impl Receiver {
     /// On any free port, answering `status`.
     pub fn start(status: u16) -> Receiver {
-        Receiver::start_on(0, status)
+        let listener = TcpListener::bind(("127.0.0.1", 0))
+            .unwrap_or_else(|e| panic!("binding the receiver: {e}"));
+        Receiver::serve_on(listener, status)
     }
 
-    /// On `port` of 127.0.0.1 (0: any).
-    pub fn start_on(port: u16, status: u16) -> Receiver {
-        let listener = TcpListener::bind(("127.0.0.1", port))
-            .unwrap_or_else(|e| panic!("binding the receiver on port {port}: {e}"));
+    /// On `listener`, answering `status`.
+    fn serve_on(listener: TcpListener, status: u16) -> Receiver {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             received: Mutex::new(Vec::new()),
@@ -138,6 +138,41 @@ impl Receiver {
 impl Drop for Receiver {
     fn drop(&mut self) {
         self.shut();
+    }
+}
+
+/// A port of 127.0.0.1 kept for a receiver that starts later: bound but not listening, so
+/// that connections to it are refused until then, and held, so that nothing else can take it
+/// meanwhile (the port of a listener bound to port 0 and closed is free for any socket of
+/// any process to take before it is bound again).
+pub struct ReservedPort {
+    socket: socket2::Socket,
+    pub addr: SocketAddr,
+}
+
+impl ReservedPort {
+    pub fn new() -> ReservedPort {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        socket
+            .bind(&any.into())
+            .unwrap_or_else(|e| panic!("reserving a port: {e}"));
+        let addr = socket.local_addr().unwrap().as_socket().unwrap();
+        ReservedPort { socket, addr }
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// A receiver on the port, answering `status`.
+    pub fn start(self, status: u16) -> Receiver {
+        self.socket
+            .listen(128)
+            .unwrap_or_else(|e| panic!("listening on {}: {e}", self.addr));
+        Receiver::serve_on(self.socket.into(), status)
     }
 }
 
