@@ -172,6 +172,9 @@ struct Pending {
     seq: u64,
     records: u32,
     outcome: Option<WriteOutcome>,
+    /// Handed out by [`Session::poll_input`], then put back ([`Session::put_back`]): the next
+    /// `poll_input` hands it out again with this `seq` (only ever the last entry).
+    put_back: bool,
 }
 
 /// Counters of one session (the device's live statistics).
@@ -257,11 +260,14 @@ impl Session {
         self.pending.len() + self.frames_queued + self.frames_writing
     }
 
-    /// Whether the session wants bytes from the socket now.
+    /// Whether the session wants bytes from the socket now (not while a frame is put back: it
+    /// wants that one again first).
     pub fn wants_input(&self) -> bool {
         match self.state {
             State::AwaitLogin => true,
-            State::Active(_) => self.frames_in_flight() < self.cfg.max_frames_in_flight,
+            State::Active(_) => {
+                self.frames_in_flight() < self.cfg.max_frames_in_flight && !self.has_put_back()
+            }
             _ => false,
         }
     }
@@ -279,11 +285,41 @@ impl Session {
     }
 
     /// Decodes the next item of `buf` (the bytes read and not yet consumed).
+    ///
+    /// A frame [put back](Session::put_back) comes first, with its `seq`, even at the in-flight
+    /// limit (it is in flight already); once the session is ending, it waits for
+    /// [`Session::withdraw`].
     pub fn poll_input<'a>(&mut self, buf: &'a [u8]) -> Input<'a> {
-        if !self.wants_input() {
+        let again = self.has_put_back();
+        let open = if again {
+            matches!(self.state, State::Active(_))
+        } else {
+            self.wants_input()
+        };
+        if !open {
             return Input::Paused;
         }
-        let item = match decode_frame(buf, self.cfg.max_frame_len) {
+        let decoded = decode_frame(buf, self.cfg.max_frame_len);
+        if again {
+            return match decoded {
+                Ok(Status::Complete((Frame::Avl(avl), used))) => {
+                    let p = self
+                        .pending
+                        .back_mut()
+                        .expect("a frame put back is pending");
+                    p.put_back = false;
+                    Input::Avl {
+                        seq: p.seq,
+                        avl,
+                        used,
+                    }
+                }
+                // A driver bug: it consumed (or changed) the bytes of the frame it put back.
+                // Going on would leave the frame pending, unacked, and stall every ack after it.
+                _ => panic!("a frame put back must be given again, unconsumed"),
+            };
+        }
+        let item = match decoded {
             Ok(Status::Partial(_)) => return Input::NeedBytes,
             Ok(Status::Complete(item)) => item,
             Err(e) => {
@@ -320,6 +356,7 @@ impl Session {
                     seq,
                     records: avl.count() as u32,
                     outcome: None,
+                    put_back: false,
                 });
                 Input::Avl { seq, avl, used }
             }
@@ -488,6 +525,29 @@ impl Session {
             }
             _ => {}
         }
+    }
+
+    /// Frame `seq`, the last one [`Session::poll_input`] handed out, was not taken (the shard
+    /// has no room for its rows yet): its bytes stay unconsumed, and the next `poll_input`
+    /// decodes them again and hands it out with the same `seq`, counted once. Meanwhile it
+    /// stays in flight in its place: frames before it are acked as they commit, nothing after
+    /// it is decoded, and the device is not idle. If the session ends first, the driver
+    /// [withdraws](Session::withdraw) it.
+    pub fn put_back(&mut self, seq: u64) {
+        let last = self.pending.back_mut();
+        debug_assert!(
+            last.as_ref()
+                .is_some_and(|p| p.seq == seq && p.outcome.is_none() && !p.put_back),
+            "only the last frame handed out can be put back"
+        );
+        if let Some(p) = last.filter(|p| p.seq == seq) {
+            p.put_back = true;
+        }
+    }
+
+    /// Whether a frame was put back and not handed out again yet.
+    fn has_put_back(&self) -> bool {
+        self.pending.back().is_some_and(|p| p.put_back)
     }
 
     /// Frame `seq`, the last one decoded, was never submitted (the session was cancelled while
@@ -811,6 +871,148 @@ mod tests {
         s.on_commit(a, WriteOutcome::Committed);
         assert_eq!(written(&mut s, t0), [0, 0, 0, 1]);
         assert_eq!(s.finished(), Some(CloseReason::Shutdown));
+    }
+
+    #[test]
+    fn a_frame_put_back_is_handed_out_again_with_its_seq_counted_once() {
+        let t0 = Instant::now();
+        let mut s = active(t0);
+        let a = feed(&mut s, 1);
+        let fb = avl_frame(2);
+        let Input::Avl { seq: b, .. } = s.poll_input(&fb) else {
+            panic!("expected an AVL frame")
+        };
+        s.put_back(b);
+        assert_eq!(s.stats().frames, 2);
+        assert_eq!(s.frames_in_flight(), 2, "still in flight, in its place");
+        assert!(!s.wants_input(), "no new bytes before the frame put back");
+        // Frames before it are acked as they commit.
+        s.on_commit(a, WriteOutcome::Committed);
+        assert_eq!(written(&mut s, t0), [0, 0, 0, 1]);
+        // Taken again: the same seq, the same frame, not counted again.
+        match s.poll_input(&fb) {
+            Input::Avl { seq, avl, used } => {
+                assert_eq!((seq, avl.count(), used), (b, 2, fb.len()));
+            }
+            other => panic!("expected the frame put back, got {other:?}"),
+        }
+        assert_eq!(s.stats().frames, 2);
+        assert_eq!(s.frames_in_flight(), 1);
+        assert!(s.wants_input());
+        // Positional acks after it: c commits first and still waits for b.
+        let c = feed(&mut s, 3);
+        assert_eq!(c, b + 1, "the next frame gets the next seq");
+        s.on_commit(c, WriteOutcome::Committed);
+        assert!(written(&mut s, t0).is_empty(), "c waits for b");
+        s.on_commit(b, WriteOutcome::Committed);
+        assert_eq!(written(&mut s, t0), [0, 0, 0, 2, 0, 0, 0, 3]);
+        assert_eq!(s.stats().records_acked, 6);
+        assert_eq!(s.stats().frames, 3);
+    }
+
+    #[test]
+    fn a_frame_put_back_at_the_in_flight_limit_is_still_handed_out() {
+        let t0 = Instant::now();
+        let mut s = active(t0);
+        feed(&mut s, 1);
+        feed(&mut s, 1);
+        let f = avl_frame(1);
+        let Input::Avl { seq, .. } = s.poll_input(&f) else {
+            panic!("expected an AVL frame")
+        };
+        s.put_back(seq);
+        assert!(!s.wants_input());
+        assert!(matches!(s.poll_input(&f), Input::Avl { seq: again, .. } if again == seq));
+        assert_eq!(s.poll_input(&f), Input::Paused, "at the limit: nothing new");
+    }
+
+    #[test]
+    fn a_frame_put_back_keeps_the_device_from_being_idle() {
+        let t0 = Instant::now();
+        let mut s = active(t0);
+        let f = avl_frame(1);
+        let Input::Avl { seq, .. } = s.poll_input(&f) else {
+            panic!("expected an AVL frame")
+        };
+        s.put_back(seq);
+        assert_eq!(s.poll_timeout(), None);
+        s.handle_timeout(t0 + cfg().idle_timeout * 10);
+        assert_eq!(s.finished(), None);
+        assert!(matches!(s.poll_input(&f), Input::Avl { .. }));
+    }
+
+    #[test]
+    fn a_frame_put_back_when_the_session_ends_is_withdrawn_and_never_acked() {
+        let t0 = Instant::now();
+        // Graceful close while it waits: what was submitted before it is acked, it is not.
+        let mut s = active(t0);
+        let a = feed(&mut s, 1);
+        let f = avl_frame(2);
+        let Input::Avl { seq: b, .. } = s.poll_input(&f) else {
+            panic!("expected an AVL frame")
+        };
+        s.put_back(b);
+        s.close(CloseReason::Shutdown);
+        assert_eq!(
+            s.poll_input(&f),
+            Input::Paused,
+            "not handed out once ending"
+        );
+        s.withdraw(b);
+        assert_eq!(s.finished(), None, "a is still in flight");
+        s.on_commit(a, WriteOutcome::Committed);
+        assert_eq!(written(&mut s, t0), [0, 0, 0, 1]);
+        assert_eq!(s.finished(), Some(CloseReason::Shutdown));
+
+        // The only frame in flight: the session ends once it is withdrawn.
+        let mut s = active(t0);
+        let Input::Avl { seq, .. } = s.poll_input(&f) else {
+            panic!("expected an AVL frame")
+        };
+        s.put_back(seq);
+        s.close(CloseReason::Shutdown);
+        assert_eq!(s.finished(), None);
+        s.withdraw(seq);
+        assert_eq!(s.finished(), Some(CloseReason::Shutdown));
+        assert!(written(&mut s, t0).is_empty());
+
+        // Aborted (replaced) while it waits: nothing is acked, withdrawing is harmless.
+        let mut s = active(t0);
+        let a = feed(&mut s, 1);
+        let Input::Avl { seq: b, .. } = s.poll_input(&f) else {
+            panic!("expected an AVL frame")
+        };
+        s.put_back(b);
+        s.abort(CloseReason::Replaced);
+        assert_eq!(s.poll_input(&f), Input::Paused);
+        s.withdraw(b);
+        s.on_commit(a, WriteOutcome::Committed);
+        assert!(written(&mut s, t0).is_empty());
+        assert_eq!(s.finished(), Some(CloseReason::Replaced));
+
+        // A frame before it refused while it waits: positional acks end the session.
+        let mut s = active(t0);
+        let a = feed(&mut s, 1);
+        let Input::Avl { seq: b, .. } = s.poll_input(&f) else {
+            panic!("expected an AVL frame")
+        };
+        s.put_back(b);
+        s.on_commit(a, WriteOutcome::Failed);
+        assert_eq!(s.closing(), Some(CloseReason::RecordsRefused));
+        assert_eq!(s.poll_input(&f), Input::Paused);
+        s.withdraw(b);
+        assert!(written(&mut s, t0).is_empty());
+        assert_eq!(s.finished(), Some(CloseReason::RecordsRefused));
+    }
+
+    #[test]
+    #[should_panic(expected = "a frame put back must be given again")]
+    fn a_frame_put_back_must_be_given_again_unconsumed() {
+        let t0 = Instant::now();
+        let mut s = active(t0);
+        let seq = feed(&mut s, 1);
+        s.put_back(seq);
+        s.poll_input(&[]);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,12 @@ fn imeis_on_shard(shard: usize, base: u64, n: usize) -> Vec<Imei> {
 /// A Codec 8 frame near the 16 KiB default limit made of 1-byte IO elements: the worst case
 /// of rows per wire byte (about 150 KiB of COPY rows).
 fn worst_case_frame(seed: u64) -> Vec<u8> {
-    let recs: Vec<Record> = (0..30u64)
+    worst_case_frame_of(seed, 30)
+}
+
+/// As [`worst_case_frame`], with `n` records (at most 30).
+fn worst_case_frame_of(seed: u64, n: u64) -> Vec<u8> {
+    let recs: Vec<Record> = (0..n)
         .map(|i| Record {
             ts_ms: 1_700_000_000_000 + seed * 100_000 + i * 1000,
             priority: 0,
@@ -49,6 +54,36 @@ fn worst_case_frame(seed: u64) -> Vec<u8> {
     let f = frame(Codec::C8, &recs);
     assert!(f.len() < 16 * 1024, "{}", f.len());
     f
+}
+
+/// COPY row bytes of an AVL frame: what it takes of its shard's budget.
+fn rows_of(frame: &[u8]) -> usize {
+    match fleetgate::protocol::decode_frame(frame, 1 << 20) {
+        Ok(fleetgate::protocol::Status::Complete((fleetgate::protocol::Frame::Avl(avl), _))) => {
+            fleetgate::shard::copy::rows_len(&avl)
+        }
+        other => panic!("not an AVL frame: {other:?}"),
+    }
+}
+
+/// The samples of metric `name` (all label sets) in the gateway's Prometheus text, summed.
+fn metric(api: SocketAddr, name: &str) -> u64 {
+    let text = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .get(&format!("http://{api}/metrics"))
+        .set("connection", "close")
+        .call()
+        .expect("metrics")
+        .into_string()
+        .unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            (series.split('{').next()? == name).then(|| value.parse::<u64>().unwrap())
+        })
+        .sum()
 }
 
 fn open_fds(pid: u32) -> usize {
@@ -294,6 +329,109 @@ fn worst_case_frames_during_an_outage_stay_within_the_byte_bound() {
     );
     drop(socks);
     pg.pg.restart_after_stop().unwrap();
+}
+
+/// A frame that finds its shard's byte budget full is put back, unsubmitted, and taken again
+/// once there is room (`conn::tcp`: `Taken::NoRoom`, `Session::put_back`). Four devices on one
+/// shard pipeline worst-case frames during an outage, several times the shard's 1 MiB bound,
+/// so most of their frames wait for room; then the database comes back. Every frame is stored,
+/// acked once and in order (frame k has 20 + k records, so a frame lost, doubled or acked out
+/// of turn shows in the acks), and counted once.
+#[test]
+fn frames_that_wait_for_room_are_acked_once_in_order_once_there_is_room() {
+    let mut pg = TestPg::start();
+    let bound = 1usize << 20;
+    let gw = Gateway::start(
+        &pg.url(),
+        &["--max-bytes-in-flight-per-shard", &bound.to_string()],
+    );
+    let (addr, api) = (gw.addr, gw.api);
+    let ids = imeis_on_shard(0, 356_860_000_000_000, 4);
+    let frames_each = 8u64;
+    let frames: Vec<Vec<(u32, Vec<u8>)>> = (0..ids.len() as u64)
+        .map(|d| {
+            (0..frames_each)
+                .map(|k| (20 + k as u32, worst_case_frame_of(d * 100 + k, 20 + k)))
+                .collect()
+        })
+        .collect();
+    // Frames that hold room at once hold at most `bound` bytes: once the frames decoded (a
+    // prefix of each device's) are more than that even if they were the smallest, one waits.
+    let mut rows: Vec<usize> = frames.iter().flatten().map(|(_, f)| rows_of(f)).collect();
+    rows.sort_unstable();
+    let some_waited = |decoded: u64| rows.iter().take(decoded as usize).sum::<usize>() > bound;
+    let fit = bound / rows[0];
+    pg.pg.stop().unwrap();
+
+    let devices: Vec<_> = ids
+        .iter()
+        .zip(frames.clone())
+        .map(|(&id, frames)| {
+            std::thread::spawn(move || {
+                let mut d = Device::connect(addr, id);
+                d.stream
+                    .set_read_timeout(Some(Duration::from_secs(60)))
+                    .unwrap();
+                // Blocks while the gateway does not read (the frame in front waits for room).
+                for (_, f) in &frames {
+                    d.send(f).unwrap();
+                }
+                let acks: Vec<u32> = frames.iter().map(|_| d.ack().unwrap()).collect();
+                // Nothing more: no frame acked twice.
+                d.stream
+                    .set_read_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
+                let mut extra = [0u8; 4];
+                let more = d.stream.read(&mut extra);
+                assert!(
+                    matches!(&more, Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)),
+                    "{id}: more after its acks: {more:?}"
+                );
+                acks
+            })
+        })
+        .collect();
+    // Frames wait for room. (Frames are counted once, when first decoded; at most one per
+    // device waits.)
+    assert!(
+        wait_until(Duration::from_secs(20), || some_waited(metric(
+            api,
+            "fleetgate_frames_received_total"
+        ))),
+        "no frame waited for room: {} decoded, rows {rows:?}",
+        metric(api, "fleetgate_frames_received_total")
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let decoded = metric(api, "fleetgate_frames_received_total");
+    eprintln!("{decoded} frames decoded during the outage; {fit} of the smallest fit");
+    assert!(
+        decoded <= fit as u64 + ids.len() as u64,
+        "{decoded} decoded during the outage, {fit} fit, {} devices",
+        ids.len()
+    );
+    assert_eq!(
+        metric(api, "fleetgate_records_acked_total"),
+        0,
+        "acked during the outage"
+    );
+    pg.pg.restart_after_stop().unwrap();
+
+    for (d, h) in devices.into_iter().enumerate() {
+        let acks = h.join().unwrap();
+        let want: Vec<u32> = frames[d].iter().map(|(n, _)| *n).collect();
+        assert_eq!(acks, want, "device {d}: acks not one per frame in order");
+    }
+    let per_device: u64 = (0..frames_each).map(|k| 20 + k).sum();
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM telemetry WHERE imei >= 356860000000000 AND imei < 356861000000000"),
+        (per_device * ids.len() as u64) as i64
+    );
+    let sent = frames_each * ids.len() as u64;
+    assert_eq!(metric(api, "fleetgate_frames_received_total"), sent);
+    assert_eq!(
+        metric(api, "fleetgate_records_acked_total"),
+        per_device * ids.len() as u64
+    );
 }
 
 /// Defect: a slow reader held shard-wide permits until its ack had been written (with a 30 s

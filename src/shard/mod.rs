@@ -502,7 +502,7 @@ pub fn spawn_detached(gate: &Gate, fut: impl std::future::Future<Output = ()> + 
 /// block, which stores it twice (the captured future and the one being awaited), so every
 /// connection's task took 2.9 KiB instead of 1.4, and past 2 KiB glommio boxes the future in a
 /// second allocation (tuning/idle-memory.md).
-fn gated<F: std::future::Future<Output = ()>>(
+pub(crate) fn gated<F: std::future::Future<Output = ()>>(
     pass: glommio::sync::Pass,
     fut: F,
 ) -> impl std::future::Future<Output = ()> {
