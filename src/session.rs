@@ -70,6 +70,9 @@ pub enum CloseReason {
     Shutdown,
     /// The shard refused to adopt the connection (its connection cap).
     ConnectionLimit,
+    /// The driver broke the session's contract (a bug): this one session ends, unacked frames
+    /// are the device's to resend, and the shard goes on.
+    Internal,
 }
 
 impl fmt::Display for CloseReason {
@@ -92,6 +95,7 @@ impl fmt::Display for CloseReason {
             CloseReason::DeviceDisabled => f.write_str("device disabled"),
             CloseReason::Shutdown => f.write_str("gateway shutdown"),
             CloseReason::ConnectionLimit => f.write_str("connection limit reached"),
+            CloseReason::Internal => f.write_str("internal error"),
         }
     }
 }
@@ -117,6 +121,7 @@ impl CloseReason {
             CloseReason::DeviceDisabled => "device_disabled",
             CloseReason::Shutdown => "shutdown",
             CloseReason::ConnectionLimit => "connection_limit",
+            CloseReason::Internal => "internal",
         }
     }
 }
@@ -315,8 +320,13 @@ impl Session {
                     }
                 }
                 // A driver bug: it consumed (or changed) the bytes of the frame it put back.
-                // Going on would leave the frame pending, unacked, and stall every ack after it.
-                _ => panic!("a frame put back must be given again, unconsumed"),
+                // Going on would leave the frame pending, unacked, and stall every ack after
+                // it: this session ends (nothing unacked is lost: the device resends), not the
+                // shard with every other session on it.
+                _ => {
+                    self.abort(CloseReason::Internal);
+                    Input::Paused
+                }
             };
         }
         let item = match decoded {
@@ -1006,13 +1016,17 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "a frame put back must be given again")]
-    fn a_frame_put_back_must_be_given_again_unconsumed() {
+    fn a_frame_put_back_but_not_given_again_ends_the_session_unacked() {
         let t0 = Instant::now();
         let mut s = active(t0);
         let seq = feed(&mut s, 1);
         s.put_back(seq);
-        s.poll_input(&[]);
+        assert!(matches!(s.poll_input(&[]), Input::Paused));
+        assert_eq!(s.closing(), Some(CloseReason::Internal));
+        assert_eq!(s.finished(), Some(CloseReason::Internal));
+        let mut out = Vec::new();
+        s.poll_transmit(t0, &mut out);
+        assert!(out.is_empty(), "nothing acked");
     }
 
     #[test]

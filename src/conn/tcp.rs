@@ -202,6 +202,12 @@ fn count_close(shard: &Shard, reason: CloseReason) {
         CloseReason::RecordsRefused => ShardStats::inc(&s.frames_failed),
         _ => {}
     }
+    if reason == CloseReason::Internal {
+        tracing::error!(
+            shard = shard.id,
+            "A session broke its driver's contract (a bug); that connection was closed."
+        );
+    }
     if let CloseReason::BadFrame(e) | CloseReason::BadLogin(e) = reason {
         tracing::debug!(shard = shard.id, error = %e, "Bad input; closing the connection.");
     }
