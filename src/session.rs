@@ -696,7 +696,12 @@ mod tests {
 
     /// Feeds one AVL frame; returns its seq.
     fn feed(s: &mut Session, records: usize) -> u64 {
-        match s.poll_input(&avl_frame(records)) {
+        feed_frame(s, &avl_frame(records))
+    }
+
+    /// Hands `frame` to the session: its seq.
+    fn feed_frame(s: &mut Session, frame: &[u8]) -> u64 {
+        match s.poll_input(frame) {
             Input::Avl { seq, .. } => seq,
             other => panic!("expected an AVL frame, got {other:?}"),
         }
@@ -889,9 +894,7 @@ mod tests {
         let mut s = active(t0);
         let a = feed(&mut s, 1);
         let fb = avl_frame(2);
-        let Input::Avl { seq: b, .. } = s.poll_input(&fb) else {
-            panic!("expected an AVL frame")
-        };
+        let b = feed_frame(&mut s, &fb);
         s.put_back(b);
         assert_eq!(s.stats().frames, 2);
         assert_eq!(s.frames_in_flight(), 2, "still in flight, in its place");
@@ -927,9 +930,7 @@ mod tests {
         feed(&mut s, 1);
         feed(&mut s, 1);
         let f = avl_frame(1);
-        let Input::Avl { seq, .. } = s.poll_input(&f) else {
-            panic!("expected an AVL frame")
-        };
+        let seq = feed_frame(&mut s, &f);
         s.put_back(seq);
         assert!(!s.wants_input());
         assert!(matches!(s.poll_input(&f), Input::Avl { seq: again, .. } if again == seq));
@@ -941,9 +942,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = active(t0);
         let f = avl_frame(1);
-        let Input::Avl { seq, .. } = s.poll_input(&f) else {
-            panic!("expected an AVL frame")
-        };
+        let seq = feed_frame(&mut s, &f);
         s.put_back(seq);
         assert_eq!(s.poll_timeout(), None);
         s.handle_timeout(t0 + cfg().idle_timeout * 10);
@@ -958,9 +957,7 @@ mod tests {
         let mut s = active(t0);
         let a = feed(&mut s, 1);
         let f = avl_frame(2);
-        let Input::Avl { seq: b, .. } = s.poll_input(&f) else {
-            panic!("expected an AVL frame")
-        };
+        let b = feed_frame(&mut s, &f);
         s.put_back(b);
         s.close(CloseReason::Shutdown);
         assert_eq!(
@@ -976,9 +973,7 @@ mod tests {
 
         // The only frame in flight: the session ends once it is withdrawn.
         let mut s = active(t0);
-        let Input::Avl { seq, .. } = s.poll_input(&f) else {
-            panic!("expected an AVL frame")
-        };
+        let seq = feed_frame(&mut s, &f);
         s.put_back(seq);
         s.close(CloseReason::Shutdown);
         assert_eq!(s.finished(), None);
@@ -989,9 +984,7 @@ mod tests {
         // Aborted (replaced) while it waits: nothing is acked, withdrawing is harmless.
         let mut s = active(t0);
         let a = feed(&mut s, 1);
-        let Input::Avl { seq: b, .. } = s.poll_input(&f) else {
-            panic!("expected an AVL frame")
-        };
+        let b = feed_frame(&mut s, &f);
         s.put_back(b);
         s.abort(CloseReason::Replaced);
         assert_eq!(s.poll_input(&f), Input::Paused);
@@ -1003,9 +996,7 @@ mod tests {
         // A frame before it refused while it waits: positional acks end the session.
         let mut s = active(t0);
         let a = feed(&mut s, 1);
-        let Input::Avl { seq: b, .. } = s.poll_input(&f) else {
-            panic!("expected an AVL frame")
-        };
+        let b = feed_frame(&mut s, &f);
         s.put_back(b);
         s.on_commit(a, WriteOutcome::Failed);
         assert_eq!(s.closing(), Some(CloseReason::RecordsRefused));
