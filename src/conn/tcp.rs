@@ -200,13 +200,11 @@ fn count_close(shard: &Shard, reason: CloseReason) {
             ShardStats::inc(&s.decode_errors)
         }
         CloseReason::RecordsRefused => ShardStats::inc(&s.frames_failed),
-        _ => {}
-    }
-    if reason == CloseReason::Internal {
-        tracing::error!(
+        CloseReason::Internal => tracing::error!(
             shard = shard.id,
             "A session broke its driver's contract (a bug); that connection was closed."
-        );
+        ),
+        _ => {}
     }
     if let CloseReason::BadFrame(e) | CloseReason::BadLogin(e) = reason {
         tracing::debug!(shard = shard.id, error = %e, "Bad input; closing the connection.");

@@ -197,7 +197,9 @@ impl Commands {
         *self.events.lock().unwrap() = Some(stats);
     }
 
-    /// Queues a command: stored, older identical queued ones superseded, every gateway told.
+    /// Queues a command: stored, older identical queued ones superseded; claimed and handed to
+    /// the shard at once when the device is connected here with nothing in flight, else every
+    /// gateway is told.
     ///
     /// # Errors
     /// The database refused or cannot be reached.
@@ -236,7 +238,7 @@ impl Commands {
         // Stored, and identical queued ones superseded, in one statement (the statement's
         // snapshot cannot see the new row, so it is never its own superseder).
         let payload = c.payload.bytes();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+        let params: [Param; 7] = [
             &key,
             &codec,
             &text,
@@ -253,11 +255,10 @@ impl Commands {
         // every gateway is told; the answer to the one in flight dispatches the next.
         let (row, claimed) = if self.online.lock().unwrap().contains_key(&c.imei) {
             let claim = Claim::prepare(&tx).await?;
-            let (row, claimed) = futures::try_join!(
+            futures::try_join!(
                 async { stored.await.map_err(ledger_err("queueing a command")) },
                 claim.run(&tx, c.imei, &self.cfg.gateway),
-            )?;
-            (row, claimed)
+            )?
         } else {
             (
                 stored.await.map_err(ledger_err("queueing a command"))?,
@@ -594,10 +595,11 @@ impl Commands {
     }
 }
 
-/// In `tx`: marks `imei`'s next queued command (highest priority first, unexpired) sent by
-/// `gateway`, unless the device has a command in flight; returns its row (`COLUMNS`). One claimer per device at a time,
-/// across gateways (an advisory lock held until `tx` ends).
-/// The two statements of a claim, prepared once per connection (deadpool's statement cache).
+/// A statement parameter.
+type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+
+/// Claiming a device's next command: its two statements, prepared once per pooled connection
+/// (deadpool's statement cache).
 struct Claim {
     lock: tokio_postgres::Statement,
     next: tokio_postgres::Statement,
@@ -624,8 +626,9 @@ impl Claim {
         Ok(Claim { lock, next })
     }
 
-    /// Marks `imei`'s next queued command sent by `gateway` within `tx`, if it has none in
-    /// flight. The device's advisory lock (held to the end of `tx`) serializes claims across
+    /// Marks `imei`'s next queued command (highest priority first, unexpired) sent by
+    /// `gateway` within `tx`, unless the device has a command in flight; returns its row
+    /// (`COLUMNS`). The device's advisory lock (held to the end of `tx`) serializes claims across
     /// gateways; the claim is pipelined behind it, one round trip for both, and still takes its
     /// snapshot only once the lock is held (a statement's snapshot is taken when it starts).
     async fn run(
@@ -635,7 +638,6 @@ impl Claim {
         gateway: &str,
     ) -> Result<Option<Row>, LedgerError> {
         let key = imei.as_u64() as i64;
-        type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
         let (lock, next): ([Param; 1], [Param; 2]) = ([&key], [&key, &gateway]);
         let (_, claimed) = futures::try_join!(
             tx.execute(&self.lock, &lock),
