@@ -292,8 +292,7 @@ impl Session {
     /// Decodes the next item of `buf` (the bytes read and not yet consumed).
     ///
     /// A frame [put back](Session::put_back) comes first, with its `seq`, even at the in-flight
-    /// limit (it is in flight already); once the session is ending, it waits for
-    /// [`Session::withdraw`].
+    /// limit (it is in flight already); once the session is ending, it is gone.
     pub fn poll_input<'a>(&mut self, buf: &'a [u8]) -> Input<'a> {
         let again = self.has_put_back();
         let open = if again {
@@ -541,8 +540,8 @@ impl Session {
     /// has no room for its rows yet): its bytes stay unconsumed, and the next `poll_input`
     /// decodes them again and hands it out with the same `seq`, counted once. Meanwhile it
     /// stays in flight in its place: frames before it are acked as they commit, nothing after
-    /// it is decoded, and the device is not idle. If the session ends first, the driver
-    /// [withdraws](Session::withdraw) it.
+    /// it is decoded, and the device is not idle. If the session ends first, it is forgotten,
+    /// never acked.
     pub fn put_back(&mut self, seq: u64) {
         let last = self.pending.back_mut();
         debug_assert!(
@@ -558,15 +557,6 @@ impl Session {
     /// Whether a frame was put back and not handed out again yet.
     fn has_put_back(&self) -> bool {
         self.pending.back().is_some_and(|p| p.put_back)
-    }
-
-    /// Frame `seq`, the last one decoded, was never submitted (the session was cancelled while
-    /// it waited for room): it is forgotten, unacked. Only while the session is ending, so no
-    /// later frame can need a positional ack after it.
-    pub fn withdraw(&mut self, seq: u64) {
-        debug_assert!(self.closing().is_some());
-        self.pending.retain(|p| p.seq != seq);
-        self.maybe_finish_draining();
     }
 
     /// Stops reading; frames already submitted are still acked as they commit, then the
@@ -608,6 +598,11 @@ impl Session {
             State::Active(_) => self.state = State::Draining(reason),
             // Nothing can be in flight before the login is accepted.
             _ => self.state = State::Closing(reason),
+        }
+        // A frame put back was never submitted and is not handed out again: forgotten,
+        // unacked (the last entry, so no later frame needs a positional ack after it).
+        if self.has_put_back() {
+            self.pending.pop_back();
         }
         self.maybe_finish_draining();
     }
@@ -876,19 +871,6 @@ mod tests {
     }
 
     #[test]
-    fn a_frame_withdrawn_while_closing_is_never_acked() {
-        let t0 = Instant::now();
-        let mut s = active(t0);
-        let a = feed(&mut s, 1);
-        let b = feed(&mut s, 1);
-        s.close(CloseReason::Shutdown);
-        s.withdraw(b);
-        s.on_commit(a, WriteOutcome::Committed);
-        assert_eq!(written(&mut s, t0), [0, 0, 0, 1]);
-        assert_eq!(s.finished(), Some(CloseReason::Shutdown));
-    }
-
-    #[test]
     fn a_frame_put_back_is_handed_out_again_with_its_seq_counted_once() {
         let t0 = Instant::now();
         let mut s = active(t0);
@@ -951,7 +933,7 @@ mod tests {
     }
 
     #[test]
-    fn a_frame_put_back_when_the_session_ends_is_withdrawn_and_never_acked() {
+    fn a_frame_put_back_when_the_session_ends_is_forgotten_and_never_acked() {
         let t0 = Instant::now();
         // Graceful close while it waits: what was submitted before it is acked, it is not.
         let mut s = active(t0);
@@ -965,30 +947,27 @@ mod tests {
             Input::Paused,
             "not handed out once ending"
         );
-        s.withdraw(b);
+        assert_eq!(s.frames_in_flight(), 1, "b forgotten");
         assert_eq!(s.finished(), None, "a is still in flight");
         s.on_commit(a, WriteOutcome::Committed);
         assert_eq!(written(&mut s, t0), [0, 0, 0, 1]);
         assert_eq!(s.finished(), Some(CloseReason::Shutdown));
 
-        // The only frame in flight: the session ends once it is withdrawn.
+        // The only frame in flight: the session ends at once.
         let mut s = active(t0);
         let seq = feed_frame(&mut s, &f);
         s.put_back(seq);
         s.close(CloseReason::Shutdown);
-        assert_eq!(s.finished(), None);
-        s.withdraw(seq);
         assert_eq!(s.finished(), Some(CloseReason::Shutdown));
         assert!(written(&mut s, t0).is_empty());
 
-        // Aborted (replaced) while it waits: nothing is acked, withdrawing is harmless.
+        // Aborted (replaced) while it waits: nothing is acked.
         let mut s = active(t0);
         let a = feed(&mut s, 1);
         let b = feed_frame(&mut s, &f);
         s.put_back(b);
         s.abort(CloseReason::Replaced);
         assert_eq!(s.poll_input(&f), Input::Paused);
-        s.withdraw(b);
         s.on_commit(a, WriteOutcome::Committed);
         assert!(written(&mut s, t0).is_empty());
         assert_eq!(s.finished(), Some(CloseReason::Replaced));
@@ -1001,7 +980,6 @@ mod tests {
         s.on_commit(a, WriteOutcome::Failed);
         assert_eq!(s.closing(), Some(CloseReason::RecordsRefused));
         assert_eq!(s.poll_input(&f), Input::Paused);
-        s.withdraw(b);
         assert!(written(&mut s, t0).is_empty());
         assert_eq!(s.finished(), Some(CloseReason::RecordsRefused));
     }

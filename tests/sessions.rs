@@ -401,6 +401,8 @@ fn frames_that_wait_for_room_are_acked_once_in_order_once_there_is_room() {
         "no frame waited for room: {} decoded, rows {rows:?}",
         metric(api, "fleetgate_frames_received_total")
     );
+    // An upper bound ("never more than"), which no condition can be waited for: half a second
+    // for a frame decoded too many to show up in the count before it is read.
     std::thread::sleep(Duration::from_millis(500));
     let decoded = metric(api, "fleetgate_frames_received_total");
     eprintln!("{decoded} frames decoded during the outage; {fit} of the smallest fit");

@@ -76,8 +76,7 @@ pub async fn accepted(shard: Rc<Shard>, stream: TcpStream, conn: ConnGuard) {
     let owner = shard_for(imei, shard.nr_shards);
     if owner == shard.id {
         // A task of its own: this one's state (sized for the login phase) is freed now.
-        d.conn.ctl.live.peer.set(peer);
-        crate::shard::spawn_detached(&shard.gate, logged_in(d, rb, imei));
+        crate::shard::spawn_detached(&shard.gate, logged_in(d, rb, imei, peer));
         return;
     }
     hand_over(&shard, &d.stream, imei, peer, rb.data(), owner);
@@ -131,8 +130,7 @@ pub fn adopt(shard: &Rc<Shard>, fd: OwnedFd, imei: Imei, peer: SocketAddr, pendi
     let rb = ReadBuf::with_bytes(shard.pool.clone(), &pending);
     let session = Session::handed_over(shard.session_config.clone(), imei, Instant::now());
     let d = Driver::new(shard.clone(), conn, stream, session);
-    d.conn.ctl.live.peer.set(Some(peer));
-    crate::shard::spawn_detached(&shard.gate, logged_in(d, rb, imei));
+    crate::shard::spawn_detached(&shard.gate, logged_in(d, rb, imei, Some(peer)));
 }
 
 /// The session of a logged-in device on its owning shard, from its `01` to its end.
@@ -142,9 +140,16 @@ pub fn adopt(shard: &Rc<Shard>, fd: OwnedFd, imei: Imei, peer: SocketAddr, pendi
 /// the idle connection's task held the `Driver` twice (1,424 bytes instead of 800; see
 /// tuning/idle-memory.md). The block uses its captures in place.
 #[allow(clippy::manual_async_fn)] // on purpose: see above
-fn logged_in(mut d: Driver, mut rb: ReadBuf, imei: Imei) -> impl Future<Output = ()> {
-    // Only `d`, `rb` and `imei` are held while the session runs: the shard, the peer
-    // (`live.peer`, set by the caller) and the connection id are taken from `d` before and after.
+fn logged_in(
+    mut d: Driver,
+    mut rb: ReadBuf,
+    imei: Imei,
+    peer: Option<SocketAddr>,
+) -> impl Future<Output = ()> {
+    // Only `d`, `rb` and `imei` are held while the session runs: the shard, the peer (kept in
+    // `live.peer` here, before the task exists) and the connection id are taken from `d`
+    // before and after.
+    d.conn.ctl.live.peer.set(peer);
     async move {
         {
             let shard = d.shard.clone();
@@ -224,9 +229,9 @@ enum Taken {
     Nothing,
     /// The session decoded a login: the caller decides.
     Login(Imei),
-    /// AVL frame `seq` needs `need` bytes of the shard's budget, which has no room now: it was
+    /// An AVL frame needs `need` bytes of the shard's budget, which has no room now: it was
     /// put back in the session, neither consumed nor submitted.
-    NoRoom { seq: u64, need: usize },
+    NoRoom { need: usize },
 }
 
 /// One thing that happened to a connection.
@@ -293,10 +298,10 @@ impl Driver {
         async move {
             loop {
                 let mut taken = self.take_input(rb, None);
-                while let Taken::NoRoom { seq, need } = taken {
+                while let Taken::NoRoom { need } = taken {
                     // Boxed: rare, and inline it would size every connection's task. Then the
                     // frame put back in the session is taken again, with the room waited for.
-                    taken = match Box::pin(self.wait_for_budget(seq, need)).await {
+                    taken = match Box::pin(self.wait_for_budget(need)).await {
                         Some(permit) => self.take_input(rb, Some(permit)),
                         None => Taken::Nothing,
                     };
@@ -327,12 +332,7 @@ impl Driver {
     /// first.
     fn take_input(&mut self, rb: &mut ReadBuf, mut room: Option<Permit>) -> Taken {
         loop {
-            let input = self.session.poll_input(rb.data());
-            debug_assert!(
-                room.is_none() || matches!(input, Input::Avl { .. }),
-                "the frame put back comes first"
-            );
-            match input {
+            match self.session.poll_input(rb.data()) {
                 Input::NeedBytes | Input::Paused => return Taken::Nothing,
                 Input::Ping { used } => rb.consume(used),
                 Input::Login { imei, used } => {
@@ -376,7 +376,7 @@ impl Driver {
                                 Some(p) => p,
                                 None => {
                                     self.session.put_back(seq);
-                                    return Taken::NoRoom { seq, need };
+                                    return Taken::NoRoom { need };
                                 }
                             }
                         }
@@ -425,10 +425,11 @@ impl Driver {
         }
     }
 
-    /// Waits for `need` bytes of the shard's budget for frame `seq` (put back in the session)
+    /// Waits for `need` bytes of the shard's budget for the frame put back in the session,
     /// while still answering commits, finishing writes and obeying cancellation. `None` when
-    /// the session ended meanwhile: the frame, never submitted, is withdrawn (never acked).
-    async fn wait_for_budget(&mut self, seq: u64, need: usize) -> Option<Permit> {
+    /// the session ended meanwhile (the session forgets the frame, never submitted, never
+    /// acked).
+    async fn wait_for_budget(&mut self, need: usize) -> Option<Permit> {
         let mut acquire = self.shard.budget.acquire(need);
         loop {
             let got = poll_fn(|cx| {
@@ -443,7 +444,6 @@ impl Driver {
                 Err(ev) => self.apply(ev),
             }
             if self.session.closing().is_some() {
-                self.session.withdraw(seq);
                 return None;
             }
         }
@@ -581,7 +581,7 @@ mod tests {
     use super::*;
 
     /// The size of what `f` returns, without calling it.
-    fn returned<F: FnOnce(A, B, C) -> R, A, B, C, R>(_: &F) -> usize {
+    fn returned<F: FnOnce(A, B, C, D) -> R, A, B, C, D, R>(_: &F) -> usize {
         std::mem::size_of::<R>()
     }
 
@@ -591,7 +591,9 @@ mod tests {
     }
 
     /// The size of `spawn_detached`'s future (`shard::gated`) around what `f` returns.
-    fn gated_around<F: Future<Output = ()>>(_: &impl FnOnce(Driver, ReadBuf, Imei) -> F) -> usize {
+    fn gated_around<F: Future<Output = ()>>(
+        _: &impl FnOnce(Driver, ReadBuf, Imei, Option<SocketAddr>) -> F,
+    ) -> usize {
         returned2(&crate::shard::gated::<F>)
     }
 
