@@ -286,8 +286,6 @@ fn print_cpu(ph: &Phase) {
     );
 }
 
-/// loadgen's binary: `ING_LOADGEN_BIN`, else `target/release/loadgen` beside this bench's
-/// own `target/release/deps/`.
 /// PostgreSQL (the postmaster and its processes) on CPU 0; this process, its threads and
 /// whatever it starts from now on, on CPU 1.
 fn split_cpus(postmaster: u32) {
@@ -326,6 +324,8 @@ fn split_cpus(postmaster: u32) {
     println!("ingest: PostgreSQL pinned to CPU 0, the bench, gateway and loadgen to CPU 1");
 }
 
+/// loadgen's binary: `ING_LOADGEN_BIN`, else `target/release/loadgen` beside this bench's
+/// own `target/release/deps/`.
 fn loadgen_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("ING_LOADGEN_BIN") {
         return p.into();
