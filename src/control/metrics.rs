@@ -746,7 +746,8 @@ impl Collector for Exposition {
         histogram(
             e,
             "fleetgate_writer_commit",
-            "A writer transaction's first statement to its commit answered, retries included.",
+            "A writer transaction's first statement to its commit answered, retries included \
+             (a transaction split because part of it was refused counts once).",
             Some(&seconds),
             &self.0.writer.commit_us,
             &COMMIT_BOUNDS_US,
@@ -755,7 +756,8 @@ impl Collector for Exposition {
         histogram(
             e,
             "fleetgate_writer_transaction_records",
-            "Records per committed writer transaction.",
+            "Records per committed writer transaction (a transaction split because part of \
+             it was refused counts once).",
             None,
             &self.0.writer.transaction_records,
             &TRANSACTION_RECORDS_BOUNDS,

@@ -137,10 +137,12 @@ pub struct WriterStats {
     /// Events committed to the outbox by the writer (session events and telemetry events).
     pub events_published: AtomicU64,
     pub connected: AtomicU64,
-    /// Time from a transaction's first statement to its commit answered (retries included),
-    /// in microseconds.
+    /// Time from a gathering's first statement to its commit answered (retries included), in
+    /// microseconds. A gathering (the shards' batches one writer thread took together) is one
+    /// transaction, unless the database refuses part of it: then it is split, and this counts
+    /// it once, split or not.
     pub commit_us: Distribution,
-    /// Records per committed transaction (the shards' batches it gathered).
+    /// Records committed per gathering (as `commit_us`).
     pub transaction_records: Distribution,
     /// Messages (batches and session events) waiting in the writer's queue when a writer
     /// thread last began a transaction.
