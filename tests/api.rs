@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::gateway::{frame, imei, records, wait_until, Device, Gateway};
+use common::gateway::{frame, imei, metric_sum, records, wait_until, Device, Gateway};
 use common::{TempDir, TestPg};
 use fleetgate::protocol::command::{TYPE_COMMAND, TYPE_RESPONSE};
 use fleetgate::protocol::tcp::encode_command_frame;
@@ -141,18 +141,6 @@ impl Http {
         );
         last
     }
-}
-
-/// The value of the samples of metric `name` (all label sets) in Prometheus text, summed.
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let metric = series.split('{').next()?;
-            (metric == name).then(|| value.parse::<f64>().unwrap())
-        })
-        .sum()
 }
 
 /// The value of one series (`name{labels}` exactly as exposed).

@@ -5,12 +5,14 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::gateway::{frame, imei, records, wait_until, Device, Gateway};
+use common::gateway::{
+    api_get as get, frame, imei, metric_sum, records, wait_until, Device, Gateway,
+};
 use common::TestPg;
 use fleetgate::protocol::Codec;
 
@@ -30,30 +32,6 @@ fn exercise(g: &Gateway) {
             .contains("Bad input; closing the connection.")),
         "the bad connection was not logged"
     );
-}
-
-/// GET `path` on the API, over a fresh connection (no descriptor kept in the gateway).
-fn get(api: SocketAddr, path: &str) -> Option<String> {
-    ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .get(&format!("http://{api}{path}"))
-        .set("connection", "close")
-        .call()
-        .ok()?
-        .into_string()
-        .ok()
-}
-
-/// The samples of metric `name` (all label sets) in Prometheus text, summed.
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            (series.split('{').next()? == name).then(|| value.parse::<f64>().unwrap())
-        })
-        .sum()
 }
 
 /// The `failures=N` field of a log line.

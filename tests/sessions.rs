@@ -9,7 +9,9 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::gateway::{datagram, frame, imei, records, wait_until, Device, Gateway};
+use common::gateway::{
+    api_get, datagram, frame, imei, metric_sum, records, wait_until, Device, Gateway,
+};
 use common::TestPg;
 use fleetgate::protocol::{Codec, Imei, OwnedIoValue, Record};
 use fleetgate::shard::shard_for;
@@ -68,22 +70,7 @@ fn rows_of(frame: &[u8]) -> usize {
 
 /// The samples of metric `name` (all label sets) in the gateway's Prometheus text, summed.
 fn metric(api: SocketAddr, name: &str) -> u64 {
-    let text = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .get(&format!("http://{api}/metrics"))
-        .set("connection", "close")
-        .call()
-        .expect("metrics")
-        .into_string()
-        .unwrap();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            (series.split('{').next()? == name).then(|| value.parse::<u64>().unwrap())
-        })
-        .sum()
+    metric_sum(&api_get(api, "/metrics").expect("metrics"), name) as u64
 }
 
 fn open_fds(pid: u32) -> usize {

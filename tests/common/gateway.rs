@@ -380,3 +380,28 @@ pub fn udp_deliver(sock: &UdpSocket, addr: SocketAddr, dgram: &[u8], limit: Dura
         }
     }
 }
+
+/// GET `path` on the API at `api`, over a fresh connection (no descriptor kept in the
+/// gateway); `None` on any error or non-2xx answer.
+pub fn api_get(api: SocketAddr, path: &str) -> Option<String> {
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .get(&format!("http://{api}{path}"))
+        .set("connection", "close")
+        .call()
+        .ok()?
+        .into_string()
+        .ok()
+}
+
+/// The samples of metric `name` (all label sets) in Prometheus text, summed.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            (series.split('{').next()? == name).then(|| value.parse::<f64>().unwrap())
+        })
+        .sum()
+}
